@@ -1,0 +1,67 @@
+"""Checkpoints are model cards: everything needed to rebuild a model and its preprocessing.
+
+    >>> net, card = load_checkpoint("runs/.../regularized-cnn/model.ckpt")          # doctest: +SKIP
+    >>> card["classes"], card["preprocess"]["face_crop"]                            # doctest: +SKIP
+
+Only plain Python values and tensors are stored, so loading uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ferlab import __version__
+from ferlab.data import Preprocess
+from ferlab.errors import FerlabError
+from ferlab.models import REGISTRY, Net, create_model
+
+FORMAT = "ferlab-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: Path, net: Net, model: str, classes: list[str], pre: Preprocess,
+                    **card: Any) -> None:
+    """Write atomically; ``card`` adds facts such as the training data summary and test metrics."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "ferlab_version": __version__,
+        "model": model, "model_args": {"num_classes": len(classes), "image_size": pre.image_size},
+        "classes": list(classes), "preprocess": dataclasses.asdict(pre),
+        "normalize": {"mean": list(net.normalize.mean), "std": list(net.normalize.std), "input": "uint8 RGB"},
+        **card, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
+    """Rebuild the model (eval mode, CPU) and return it with its card (everything but the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FerlabError(f"Checkpoint {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zips, pickles and foreign objects all land here
+        raise FerlabError(f"{path} is not a ferlab checkpoint or is corrupted ({e.__class__.__name__}); "
+                          "pass the model.ckpt from a ferlab run folder.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FerlabError(f"{path} is a PyTorch file but not a ferlab checkpoint; "
+                          "pass the model.ckpt from a ferlab run folder.")
+    if payload.get("version", 0) > VERSION:
+        raise FerlabError(f"{path} was written by a newer ferlab ({payload.get('ferlab_version')}); upgrade ferlab.")
+    if payload["model"] not in REGISTRY:
+        raise FerlabError(f"{path} holds model '{payload['model']}', which this ferlab does not know.")
+    net = create_model(payload["model"], weights="none", **payload["model_args"])
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError:
+        raise FerlabError(f"{path} is corrupted: its weights do not fit a {payload['model']}.") from None
+    net.eval()
+    card = {k: v for k, v in payload.items() if k != "state_dict"}
+    card["preprocess_obj"] = Preprocess(**card["preprocess"])
+    return net, card

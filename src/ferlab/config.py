@@ -1,0 +1,173 @@
+"""One typed config tree with defaults in code; YAML files and CLI flags override it strictly.
+
+    >>> cfg = StudyConfig()
+    >>> cfg = merge(cfg, {"train": {"max_epochs": 5}})
+    >>> cfg.train.max_epochs
+    5
+
+Every field carries its help text, so the CLI flags (``--max-epochs``) come from here for free. An unknown
+key or a value of the wrong type is a :class:`FerlabError` naming what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ferlab.errors import FerlabError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its one-line help text (and default factory for lists)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    data: str | None = opt(None, "image folder: DIR/<class>/*.png or DIR/{train,val,test}/<class>/; "
+                                 "none = the built-in synthetic demo set")
+    test_dir: str | None = opt(None, "separate folder-per-class test set (overrides any test split)")
+    image_size: int = opt(100, "images are resized to SIZE x SIZE pixels")
+    split: list[float] = opt([0.8, 0.1, 0.1], "train/val/test fractions for splits that must be made")
+    group_by: str | None = opt(None, "regex on the file name whose first group keeps a group in one split "
+                                     r"(CK+48 subjects: '^(S\d+)_')")
+    drop_classes: list[str] = opt([], "class folders to leave out (e.g. contempt)")
+    max_pixels: int = opt(40_000_000, "images with more pixels are skipped as decompression bombs")
+    face_crop: str = opt("off", "crop the largest face before resizing: off, auto (when found) or on "
+                                "(skip images without a face)", choices=("off", "auto", "on"))
+    face_margin: float = opt(0.2, "margin added around a detected face box, as a fraction of its size")
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = opt(100, "most epochs per training stage")
+    batch_size: int = opt(32, "images per optimisation step")
+    lr: float = opt(1e-3, "Adam learning rate")
+    patience: int = opt(10, "early stopping: epochs without a better validation accuracy")
+    seed: int = opt(0, "seed for the split, initialisation, shuffling and augmentation")
+    precision: str = opt("auto", "32, bf16-mixed, 16-mixed or auto (bf16 on CPUs with native bf16, "
+                                 "16-mixed on CUDA)", choices=("auto", "32", "bf16-mixed", "16-mixed"))
+    augment: str = opt("auto", "face augmentation (flip, small affine, brightness/contrast): "
+                               "auto (transfer models only), on or off", choices=("auto", "on", "off"))
+    weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
+    fine_tune: bool = opt(True, "transfer models: stage 2 unfreezes the last conv block(s)")
+    fine_tune_lr: float = opt(1e-4, "learning rate of fine-tuning stage 2")
+    fine_tune_blocks: int = opt(1, "how many of the backbone's last blocks stage 2 unfreezes")
+    progress: bool = opt(True, "show a progress bar")
+    accelerator: str = opt("auto", "cpu, gpu or auto")
+    devices: str = opt("auto", "devices for the Lightning Trainer (e.g. 1, 4 or auto)")
+
+
+@dataclass
+class StudyConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    models: list[str] = opt([], "models to train (default: the study's models)")
+    out: str = opt("runs", "parent folder of run folders")
+    name: str | None = opt(None, "run folder name suffix (default: the data folder's name)")
+    predict_dir: str | None = opt(None, "after the study, predict these new images with the best models")
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise FerlabError(f"Config key '{where}' must be a list of {inner.__name__}, got {value!r}.")
+        return [_check_type(v, inner, where) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise FerlabError(f"Config key '{where}' must be {tp.__name__}, got {value!r}.")
+    return value
+
+
+def merge(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of ``cfg`` with ``overrides`` applied; unknown keys and wrong types are errors."""
+    if not isinstance(overrides, dict):
+        raise FerlabError(f"Config section '{prefix or 'top level'}' must be a mapping, got {overrides!r}.")
+    hints = typing.get_type_hints(type(cfg))
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in overrides.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise FerlabError(f"Unknown config key '{where}'; expected one of: {', '.join(fields)}.")
+        if dataclasses.is_dataclass(hints[key]):
+            changes[key] = merge(getattr(cfg, key), value, f"{where}.")
+            continue
+        value = _check_type(value, hints[key], where)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise FerlabError(f"Config key '{where}' must be one of {', '.join(choices)}, got {value!r}.")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FerlabError(f"Cannot read config file {path}: {e.strerror}.") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise FerlabError(f"Config file {path} is not valid YAML ({e.__class__.__name__}).") from None
+    return loaded
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, section: str, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of dataclass ``cls``; parsed values land in ``section.field`` dests."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name in skip or dataclasses.is_dataclass(tp):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        dest = f"{section}.{f.name}"  # "" section: a top-level field
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        inner = tp
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        if inner is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(inner) is list:
+            (elem,) = typing.get_args(inner)
+            kw.update(nargs="+", type=elem, metavar=elem.__name__.upper())
+        else:
+            kw.update(type=inner, metavar=f.name.upper())
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn ``section.field`` dests of parsed flags into a nested override dict for :func:`merge`."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            if section:
+                out.setdefault(section, {})[key] = value
+            else:
+                out[key] = value
+    return out

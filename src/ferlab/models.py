@@ -1,0 +1,208 @@
+"""The model registry and its one factory; every model carries its own input normalization.
+
+    >>> net = create_model("regularized-cnn", num_classes=6, image_size=100)
+    >>> sum(p.numel() for p in net.parameters())
+    4353862
+
+A model is a :class:`Net`: ``normalize`` (uint8 RGB in, what the weights expect out), ``body`` (the
+convolutional part) and ``head``. ``body.blocks`` marks where its blocks start, which is what transfer
+fine-tuning unfreezes and what the frozen-feature cache cuts at.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from ferlab.errors import FerlabError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """uint8 [0, 255] (or float [0, 1]) RGB to ``(x / 255 - mean) / std``: the model owns its scaling."""
+
+    def __init__(self, mean: tuple[float, ...] = (0.0, 0.0, 0.0), std: tuple[float, ...] = (1.0, 1.0, 1.0)):
+        super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
+        # folded into one multiply-add; not persistent, so state dicts hold only learned weights
+        self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float()
+        else:  # float input in [0, 1]
+            x = x * 255
+        return torch.addcmul(self.shift, x, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
+class Body(nn.Sequential):
+    """A sequential backbone that knows where its blocks start (``blocks``: indices into itself)."""
+
+    def __init__(self, layers: list[nn.Module], blocks: list[int]):
+        super().__init__(*layers)
+        self.blocks = blocks
+
+
+class Net(nn.Module):
+    def __init__(self, normalize: Normalize, body: Body, head: nn.Module):
+        super().__init__()
+        self.normalize, self.body, self.head = normalize, body, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.normalize(x)))
+
+    def split_at(self, trainable_blocks: int | None) -> tuple[nn.Module, nn.Module]:
+        """(frozen prefix, trainable rest) with the last ``trainable_blocks`` body blocks trainable.
+
+        ``None`` makes everything trainable (an empty prefix); 0 freezes the whole body.
+        """
+        if trainable_blocks is None:
+            cut = 0
+        elif trainable_blocks == 0:
+            cut = len(self.body)
+        else:
+            cut = self.body.blocks[max(0, len(self.body.blocks) - trainable_blocks)]
+        layers = list(self.body)
+        prefix = nn.Sequential(self.normalize, *layers[:cut])
+        rest = nn.Sequential(*layers[cut:], self.head)
+        return prefix, rest
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., Net]
+    about: str
+    transfer: bool  # a pretrained backbone: frozen first, then fine-tuned
+    study_label: str  # the original study's file name stem for its per-epoch training accuracy
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, about: str, transfer: bool = False, study_label: str = ""):
+    def deco(fn: Callable[..., Net]) -> Callable[..., Net]:
+        REGISTRY[name] = ModelSpec(name, fn, about, transfer, study_label)
+        return fn
+    return deco
+
+
+def create_model(name: str, num_classes: int, image_size: int = 100, weights: str | None = "none") -> Net:
+    """Build a registered model. ``weights`` (transfer models): ``imagenet``, ``none`` or a state-dict path."""
+    if name not in REGISTRY:
+        raise FerlabError(f"Unknown model '{name}'; choose one of: {', '.join(REGISTRY)}.")
+    if num_classes < 2:
+        raise FerlabError(f"A classifier needs at least 2 classes, got {num_classes}.")
+    spec = REGISTRY[name]
+    if spec.transfer:
+        return spec.build(num_classes, image_size, weights or "none")
+    return spec.build(num_classes, image_size)
+
+
+@register("baseline-cnn", "the original Model 1: two convs, flatten, dense 128 (no pooling, no dropout)",
+          study_label="model1")
+def baseline_cnn(num_classes: int, image_size: int) -> Net:
+    side = image_size - 4  # two 'valid' 3x3 convolutions
+    body = Body([nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU()], blocks=[0])
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes))
+    return Net(Normalize(), body, head)
+
+
+@register("regularized-cnn", "the original Model 2: Model 1 with max-pooling and dropout",
+          study_label="model2")
+def regularized_cnn(num_classes: int, image_size: int) -> Net:
+    side = ((image_size - 2) // 2 - 2) // 2
+    body = Body([nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+                 nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)], blocks=[0, 4])
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(128, num_classes))
+    return Net(Normalize(), body, head)
+
+
+def _transfer_head(channels: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1024), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Linear(1024, num_classes))
+
+
+def _load_backbone(features: nn.Module, weights: str, arch: str, enum: torchvision.models.WeightsEnum) -> None:
+    """Fill ``features`` (torchvision's ``model.features``) from ImageNet, a file, or leave it random."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        try:
+            state = enum.get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            where = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+            raise FerlabError(
+                f"ImageNet weights for {arch} are not cached at {where} and could not be downloaded "
+                f"({e.__class__.__name__}); pass --weights PATH to a torchvision {arch} state dict, "
+                "or --weights none to train from random weights.") from None
+        source = f"ImageNet ({enum})"
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FerlabError(f"Weights file {path} does not exist; pass a torchvision {arch} state dict, "
+                              "imagenet or none.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle, zip and tensor errors all mean the same here
+            raise FerlabError(f"Weights file {path} is not a PyTorch state dict ({e.__class__.__name__}).") from None
+        source = str(path)
+    if not isinstance(state, dict) or not any(str(k).startswith("features.") for k in state):
+        raise FerlabError(f"Weights file {source} holds no 'features.*' keys: it is not a torchvision {arch} "
+                          "state dict.")
+    own = features.state_dict()
+    sub = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    missing, extra = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
+    if missing or extra:
+        raise FerlabError(f"Weights file {source} does not fit {arch}: "
+                          f"{len(missing)} missing and {len(extra)} unexpected backbone keys "
+                          f"(e.g. {(missing or extra)[0]}).")
+    for k, v in sub.items():
+        if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise FerlabError(f"Weights file {source} does not fit {arch}: features.{k} has shape {got}, "
+                              f"expected {tuple(own[k].shape)}.")
+    features.load_state_dict(sub)
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+@register("vgg16-transfer", "ImageNet VGG16 conv base, global average pooling, dense 1024, dropout 0.5",
+          transfer=True, study_label="fine_tuned")
+def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
+    features = torchvision.models.vgg16(weights=None).features
+    _load_backbone(features, weights, "VGG16", torchvision.models.VGG16_Weights.IMAGENET1K_V1)
+    _freeze(features)  # stage 1 trains the head alone
+    starts = [0] + [i + 1 for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
+    body = Body(list(features), blocks=starts)  # 5 blocks of convs, each ending in a max-pool
+    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(512, num_classes))
+
+
+@register("mobilenetv2-transfer", "ImageNet MobileNetV2 features, global average pooling, dense 1024, "
+          "dropout 0.5", transfer=True, study_label="mobilenetv2_fine_tuned")
+def mobilenetv2_transfer(num_classes: int, image_size: int, weights: str) -> Net:
+    features = torchvision.models.mobilenet_v2(weights=None).features
+    _load_backbone(features, weights, "MobileNetV2", torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
+    _freeze(features)
+    body = Body(list(features), blocks=[0, 2, 4, 7, 11, 14, 17])  # torchvision's resolution stages
+    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(1280, num_classes))
+
+
+STUDY = ("baseline-cnn", "regularized-cnn", "vgg16-transfer")
