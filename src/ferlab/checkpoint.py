@@ -24,15 +24,19 @@ FORMAT = "ferlab-checkpoint"
 VERSION = 1
 
 
-def save_checkpoint(path: Path, net: Net, model: str, classes: list[str], pre: Preprocess,
-                    **card: Any) -> None:
+def save_checkpoint(path: Path, net: Net, model: str, classes: list[str], pre: Preprocess, **card: Any) -> None:
     """Write atomically; ``card`` adds facts such as the training data summary and test metrics."""
     payload = {
-        "format": FORMAT, "version": VERSION, "ferlab_version": __version__,
-        "model": model, "model_args": {"num_classes": len(classes), "image_size": pre.image_size},
-        "classes": list(classes), "preprocess": dataclasses.asdict(pre),
+        "format": FORMAT,
+        "version": VERSION,
+        "ferlab_version": __version__,
+        "model": model,
+        "model_args": {"num_classes": len(classes), "image_size": pre.image_size},
+        "classes": list(classes),
+        "preprocess": dataclasses.asdict(pre),
         "normalize": {"mean": list(net.normalize.mean), "std": list(net.normalize.std), "input": "uint8 RGB"},
-        **card, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        **card,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -47,11 +51,14 @@ def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips, pickles and foreign objects all land here
-        raise FerlabError(f"{path} is not a ferlab checkpoint or is corrupted ({e.__class__.__name__}); "
-                          "pass the model.ckpt from a ferlab run folder.") from None
+        raise FerlabError(
+            f"{path} is not a ferlab checkpoint or is corrupted ({e.__class__.__name__}); "
+            "pass the model.ckpt from a ferlab run folder."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise FerlabError(f"{path} is a PyTorch file but not a ferlab checkpoint; "
-                          "pass the model.ckpt from a ferlab run folder.")
+        raise FerlabError(
+            f"{path} is a PyTorch file but not a ferlab checkpoint; pass the model.ckpt from a ferlab run folder."
+        )
     if payload.get("version", 0) > VERSION:
         raise FerlabError(f"{path} was written by a newer ferlab ({payload.get('ferlab_version')}); upgrade ferlab.")
     if payload["model"] not in REGISTRY:

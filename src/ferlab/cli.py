@@ -18,14 +18,19 @@ from pathlib import Path
 
 from ferlab.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
 from ferlab.errors import FerlabError
-from ferlab.models import REGISTRY, STUDY
+from ferlab.models import REGISTRY
 
 
 def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("data.data", nargs="?", default=argparse.SUPPRESS, metavar="DATA",
-                   help="image folder (DIR/<class>/ or DIR/{train,val,test}/<class>/); "
-                        "omit it for the built-in synthetic demo set")
+    p.add_argument(
+        "data.data",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        metavar="DATA",
+        help="image folder (DIR/<class>/ or DIR/{train,val,test}/<class>/); "
+        "omit it for the built-in synthetic demo set",
+    )
     p.add_argument("--config", help="YAML file with the settings that differ from the defaults")
     add_flags(p, DataConfig, "data", skip=("data",))
     add_flags(p, TrainConfig, "train")
@@ -75,16 +80,21 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ferlab.models import create_model
         from ferlab.summary import summarize
 
-        print(summarize(create_model(args.model, args.num_classes, args.image_size, weights="none"),
-                        args.image_size, args.model))
+        print(
+            summarize(
+                create_model(args.model, args.num_classes, args.image_size, weights="none"), args.image_size, args.model
+            )
+        )
         return 0
     if args.command == "evaluate":
         from ferlab.inference import evaluate_checkpoint
 
         out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-evaluate")
         m = evaluate_checkpoint(args.checkpoint, args.data, out)
-        print(f"{m['model']}: accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
-              f"n={m['n']}), macro-F1 {m['macro_f1']:.4f}; details in {out}")
+        print(
+            f"{m['model']}: accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
+            f"n={m['n']}), macro-F1 {m['macro_f1']:.4f}; details in {out}"
+        )
         return 0
     from ferlab.study import run_study
 

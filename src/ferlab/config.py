@@ -33,17 +33,24 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    data: str | None = opt(None, "image folder: DIR/<class>/*.png or DIR/{train,val,test}/<class>/; "
-                                 "none = the built-in synthetic demo set")
+    data: str | None = opt(
+        None, "image folder: DIR/<class>/*.png or DIR/{train,val,test}/<class>/; none = the built-in synthetic demo set"
+    )
     test_dir: str | None = opt(None, "separate folder-per-class test set (overrides any test split)")
     image_size: int = opt(100, "images are resized to SIZE x SIZE pixels")
     split: list[float] = opt([0.8, 0.1, 0.1], "train/val/test fractions for splits that must be made")
-    group_by: str | None = opt(None, "regex on the file name whose first group keeps a group in one split "
-                                     r"(CK+48 subjects: '^(S\d+)_')")
+    group_by: str | None = opt(
+        None,
+        "regex on the file name whose first group keeps a group in one split "
+        r"(CK+48 subjects: '^(S\d+)_')",
+    )
     drop_classes: list[str] = opt([], "class folders to leave out (e.g. contempt)")
     max_pixels: int = opt(40_000_000, "images with more pixels are skipped as decompression bombs")
-    face_crop: str = opt("off", "crop the largest face before resizing: off, auto (when found) or on "
-                                "(skip images without a face)", choices=("off", "auto", "on"))
+    face_crop: str = opt(
+        "off",
+        "crop the largest face before resizing: off, auto (when found) or on (skip images without a face)",
+        choices=("off", "auto", "on"),
+    )
     face_margin: float = opt(0.2, "margin added around a detected face box, as a fraction of its size")
 
 
@@ -54,15 +61,25 @@ class TrainConfig:
     lr: float = opt(1e-3, "Adam learning rate")
     patience: int = opt(10, "early stopping: epochs without a better validation accuracy")
     seed: int = opt(0, "seed for the split, initialisation, shuffling and augmentation")
-    precision: str = opt("auto", "32, bf16-mixed, 16-mixed or auto (bf16 on CPUs with native bf16, "
-                                 "16-mixed on CUDA)", choices=("auto", "32", "bf16-mixed", "16-mixed"))
-    augment: str = opt("auto", "face augmentation (flip, small affine, brightness/contrast): "
-                               "auto (transfer models only), on or off", choices=("auto", "on", "off"))
+    precision: str = opt(
+        "auto",
+        "32, bf16-mixed, 16-mixed or auto (bf16 on CPUs with native bf16, 16-mixed on CUDA)",
+        choices=("auto", "32", "bf16-mixed", "16-mixed"),
+    )
+    augment: str = opt(
+        "auto",
+        "face augmentation (flip, small affine, brightness/contrast): auto (transfer models only), on or off",
+        choices=("auto", "on", "off"),
+    )
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
     fine_tune: bool = opt(True, "transfer models: stage 2 unfreezes the last conv block(s)")
     fine_tune_lr: float = opt(1e-4, "learning rate of fine-tuning stage 2")
     fine_tune_blocks: int = opt(1, "how many of the backbone's last blocks stage 2 unfreezes")
-    progress: bool = opt(True, "show a progress bar")
+    feature_cache: bool = opt(
+        True,
+        "run a frozen, unaugmented backbone once and train on its cached features (same result, many times faster)",
+    )
+    progress: bool = opt(True, "show a progress bar (off: one line per epoch)")
     accelerator: str = opt("auto", "cpu, gpu or auto")
     devices: str = opt("auto", "devices for the Lightning Trainer (e.g. 1, 4 or auto)")
 

@@ -67,8 +67,9 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
             if im.width * im.height > max_pixels:  # checked from the header, before any pixel is decoded
-                raise BadImage(f"{im.width}x{im.height} is over the pixel limit of {max_pixels:,} "
-                               "(possible decompression bomb)")
+                raise BadImage(
+                    f"{im.width}x{im.height} is over the pixel limit of {max_pixels:,} (possible decompression bomb)"
+                )
             im.load()
             im = ImageOps.exif_transpose(im)
     except BadImage:
@@ -135,6 +136,7 @@ def to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- folder layout
 
+
 @dataclass
 class Record:
     file: str
@@ -144,8 +146,10 @@ class Record:
 
 
 def _class_dirs(root: Path, drop: Sequence[str]) -> list[Path]:
-    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                   and d.name not in drop), key=lambda d: d.name)
+    return sorted(
+        (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in drop),
+        key=lambda d: d.name,
+    )
 
 
 def _files(class_dir: Path) -> list[Path]:
@@ -158,8 +162,9 @@ def scan(root: Path, drop: Sequence[str], what: str) -> list[Record]:
         raise FerlabError(f"The {what} folder {root} does not exist; pass a folder of class sub-folders.")
     records = [Record(str(f), d.name) for d in _class_dirs(root, drop) for f in _files(d)]
     if not any(Path(r.file).suffix.lower() in IMAGE_SUFFIXES for r in records):
-        raise FerlabError(f"The {what} folder {root} holds no images in class sub-folders "
-                          f"(expected {root}/<class>/<image files>).")
+        raise FerlabError(
+            f"The {what} folder {root} holds no images in class sub-folders (expected {root}/<class>/<image files>)."
+        )
     return records
 
 
@@ -168,13 +173,15 @@ def group_of(name: str, pattern: re.Pattern[str] | None) -> str:
         return name
     m = pattern.search(name)
     if not m:
-        raise FerlabError(f"--group-by '{pattern.pattern}' does not match the file name '{name}'; "
-                          "every file needs a group.")
+        raise FerlabError(
+            f"--group-by '{pattern.pattern}' does not match the file name '{name}'; every file needs a group."
+        )
     return m.group(1) if m.groups() else m.group(0)
 
 
-def assign_splits(labels: np.ndarray, groups: Sequence[str], fractions: Sequence[float],
-                  num_classes: int, seed: int) -> np.ndarray:
+def assign_splits(
+    labels: np.ndarray, groups: Sequence[str], fractions: Sequence[float], num_classes: int, seed: int
+) -> np.ndarray:
     """Stratified, grouped split: returns a split index per item; a group never crosses splits.
 
     Groups are placed largest first (ties in seeded random order), each into the split whose per-class
@@ -263,13 +270,17 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
 
     classes = sorted({r.cls for r in given["train"]})
     if len(classes) < 2:
-        raise FerlabError(f"Found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
-                          "a classifier needs at least 2 classes.")
+        raise FerlabError(
+            f"Found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
+            "a classifier needs at least 2 classes."
+        )
     for s, recs in given.items():
         extra = sorted({r.cls for r in recs} - set(classes))
         if extra:
-            raise FerlabError(f"The {s} set has classes that training does not: {', '.join(extra)}; "
-                              "use the same class folders in every split.")
+            raise FerlabError(
+                f"The {s} set has classes that training does not: {', '.join(extra)}; "
+                "use the same class folders in every split."
+            )
 
     pre = preprocess_of(cfg)
     records = [r for recs in given.values() for r in recs]
@@ -303,28 +314,34 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
         for s in SPLITS:
             for r in given[s]:
                 if seen.setdefault(r.group, s) != s:
-                    raise FerlabError(f"Group '{r.group}' appears in both the {seen[r.group]} and {s} "
-                                      "folders; move its files so each group is in one split.")
+                    raise FerlabError(
+                        f"Group '{r.group}' appears in both the {seen[r.group]} and {s} "
+                        "folders; move its files so each group is in one split."
+                    )
 
     trained = {r.cls for r in given["train"]}
     for cls in classes:
         if cls not in trained:
-            raise FerlabError(f"Class '{cls}' has no readable training images; add images or drop it "
-                              "with --drop-classes.")
+            raise FerlabError(
+                f"Class '{cls}' has no readable training images; add images or drop it with --drop-classes."
+            )
     for s in SPLITS:
         if not given[s]:
-            raise FerlabError(f"The {s} split is empty; add images or change --split "
-                              f"(now {'/'.join(f'{f:g}' for f in cfg.split)}).")
+            raise FerlabError(
+                f"The {s} split is empty; add images or change --split (now {'/'.join(f'{f:g}' for f in cfg.split)})."
+            )
 
     splits = {}
     for s in SPLITS:
         recs = given[s]
-        splits[s] = ImageSet(to_tensor([ok[r.file].image for r in recs], pre.image_size),
-                             torch.tensor([classes.index(r.cls) for r in recs], dtype=torch.long),
-                             [r.file for r in recs])
+        splits[s] = ImageSet(
+            to_tensor([ok[r.file].image for r in recs], pre.image_size),
+            torch.tensor([classes.index(r.cls) for r in recs], dtype=torch.long),
+            [r.file for r in recs],
+        )
     boxes = {f: d.box for f, d in ok.items() if d.box is not None}
     if presplit:
-        method = "given train/val/test folders" + (f", missing splits carved from train" if missing else "")
+        method = "given train/val/test folders" + (", missing splits carved from train" if missing else "")
     else:
         method = "seeded class-stratified split " + "/".join(f"{f:g}" for f in cfg.split)
     if pattern is not None:
@@ -334,9 +351,16 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
 
 
 def write_manifest(data: Data, path: Path) -> None:
-    rows = [{"file": r.file, "class": r.cls, "group": r.group, "split": r.split,
-             "face_box": " ".join(map(str, data.boxes[r.file])) if r.file in data.boxes else ""}
-            for r in data.manifest]
+    rows = [
+        {
+            "file": r.file,
+            "class": r.cls,
+            "group": r.group,
+            "split": r.split,
+            "face_box": " ".join(map(str, data.boxes[r.file])) if r.file in data.boxes else "",
+        }
+        for r in data.manifest
+    ]
     write_csv(path, rows, ["file", "class", "group", "split", "face_box"])
 
 

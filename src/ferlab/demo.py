@@ -27,28 +27,31 @@ DESCRIPTION = "built-in SYNTHETIC demo faces (generated cartoons, not real peopl
 # brow tilt (+: inner ends raised), brow height, eye opening, mouth curve (+: smile), mouth opening,
 # mouth width, nose wrinkle
 _SHAPES = {
-    "angry":    (-1.0, -0.6, 0.75, -0.3, 0.05, 0.85, 0.2),
-    "disgust":  (-0.4, -0.3, 0.55, -0.6, 0.15, 0.9, 1.0),
-    "fear":     (0.9, 0.6, 1.25, -0.3, 0.5, 1.25, 0.0),
-    "happy":    (0.0, 0.1, 0.7, 1.0, 0.3, 1.2, 0.0),
-    "sad":      (0.9, 0.0, 0.75, -0.9, 0.0, 0.9, 0.0),
+    "angry": (-1.0, -0.6, 0.75, -0.3, 0.05, 0.85, 0.2),
+    "disgust": (-0.4, -0.3, 0.55, -0.6, 0.15, 0.9, 1.0),
+    "fear": (0.9, 0.6, 1.25, -0.3, 0.5, 1.25, 0.0),
+    "happy": (0.0, 0.1, 0.7, 1.0, 0.3, 1.2, 0.0),
+    "sad": (0.9, 0.0, 0.75, -0.9, 0.0, 0.9, 0.0),
     "surprise": (0.1, 1.0, 1.4, 0.0, 1.0, 0.75, 0.0),
 }
 _NOISE = (0.45, 0.4, 0.22, 0.4, 0.25, 0.15, 0.35)
-_SKIN = np.array([(255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36),
-                  (92, 56, 32)], float)
+_SKIN = np.array(
+    [(255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 56, 32)], float
+)
 
 
 def cache_dir() -> Path:
     base = os.environ.get("FERLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ferlab")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ferlab"
+    )
     return Path(base)
 
 
 def _face(rng: np.random.Generator, emotion: str, size: int) -> Image.Image:
     s = 2 * size  # draw at twice the size, then downsample for smooth edges
-    tilt, brow_h, eye, curve, mouth_open, mouth_w, wrinkle = (
-        np.array(_SHAPES[emotion]) + rng.normal(0, 1, 7) * np.array(_NOISE))
+    tilt, brow_h, eye, curve, mouth_open, mouth_w, wrinkle = np.array(_SHAPES[emotion]) + rng.normal(
+        0, 1, 7
+    ) * np.array(_NOISE)
     eye, mouth_w = max(eye, 0.25), max(mouth_w, 0.5)
 
     c0, c1 = rng.uniform(0, 255, (2, 3))
@@ -77,12 +80,18 @@ def _face(rng: np.random.Generator, emotion: str, size: int) -> Image.Image:
         inner = (cx + side * 9 * k, by - tilt * 6 * k)
         outer = (cx + side * 38 * k, by + tilt * 6 * k)
         d.line([inner, outer], fill=hair if sum(hair) < 300 else dark, width=max(2, int(5 * k)))
-    d.line([(cx, cy - 5 * k), (cx - 6 * k, cy + 18 * k), (cx + 4 * k, cy + 20 * k)], fill=dark,
-           width=max(1, int(2 * k)))
+    d.line(
+        [(cx, cy - 5 * k), (cx - 6 * k, cy + 18 * k), (cx + 4 * k, cy + 20 * k)], fill=dark, width=max(1, int(2 * k))
+    )
     if wrinkle > 0.5:
         for dy in (0, 5):
-            d.arc([cx - 12 * k, cy - 6 * k + dy * k, cx + 12 * k, cy + 6 * k + dy * k], 200, 340, fill=dark,
-                  width=max(1, int(2 * k)))
+            d.arc(
+                [cx - 12 * k, cy - 6 * k + dy * k, cx + 12 * k, cy + 6 * k + dy * k],
+                200,
+                340,
+                fill=dark,
+                width=max(1, int(2 * k)),
+            )
     mw, my = 26 * k * mouth_w, cy + 42 * k
     xs = np.linspace(-1, 1, 25)
     top = [(cx + x * mw, my + curve * 10 * k * (1 - x * x) - curve * 4 * k) for x in xs]  # y grows down
@@ -92,8 +101,9 @@ def _face(rng: np.random.Generator, emotion: str, size: int) -> Image.Image:
     else:
         d.line(top, fill=(150, 50, 60), width=max(2, int(4 * k)))
 
-    layer = layer.rotate(rng.uniform(-18, 18), resample=Image.Resampling.BILINEAR,
-                         translate=tuple(rng.uniform(-0.1, 0.1, 2) * s))
+    layer = layer.rotate(
+        rng.uniform(-18, 18), resample=Image.Resampling.BILINEAR, translate=tuple(rng.uniform(-0.1, 0.1, 2) * s)
+    )
     img.paste(layer, (0, 0), layer)
     a = np.asarray(img, float)
     light = np.linspace(*rng.uniform(0.55, 1.25, 2), s)  # light from one side

@@ -1,8 +1,8 @@
 """Test metrics: accuracy with its Wilson 95% interval, per-class precision/recall/F1, confusion matrix.
 
-    >>> m = metrics(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), ["a", "b"])
-    >>> m["accuracy"], m["n"]
-    (0.6666666666666666, 3)
+>>> m = metrics(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), ["a", "b"])
+>>> m["accuracy"], m["n"]
+(0.6666666666666666, 3)
 """
 
 from __future__ import annotations
@@ -42,15 +42,21 @@ def metrics(preds: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> di
     n, correct = len(labels), int((preds == labels).sum())
     low, high = wilson(correct, n)
     kw = {"num_classes": k, "average": "none", "zero_division": 0}
-    p, r, f1 = (fn(preds, labels, **kw).tolist()
-                for fn in (multiclass_precision, multiclass_recall, multiclass_f1_score))
+    p, r, f1 = (
+        fn(preds, labels, **kw).tolist() for fn in (multiclass_precision, multiclass_recall, multiclass_f1_score)
+    )
     support = torch.bincount(labels, minlength=k).tolist()
     present = [i for i in range(k) if support[i] > 0]  # macro-F1 over the classes the test set holds
     return {
-        "n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci95": [low, high],
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "ci95": [low, high],
         "macro_f1": sum(f1[i] for i in present) / len(present) if present else 0.0,
-        "per_class": [{"class": c, "precision": p[i], "recall": r[i], "f1": f1[i], "support": support[i]}
-                      for i, c in enumerate(classes)],
+        "per_class": [
+            {"class": c, "precision": p[i], "recall": r[i], "f1": f1[i], "support": support[i]}
+            for i, c in enumerate(classes)
+        ],
         "confusion": multiclass_confusion_matrix(preds, labels, k).tolist(),
     }
 
@@ -62,8 +68,15 @@ def plot_confusion(conf: list[list[int]], classes: list[str], title: str, path: 
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(t[i, j])}", ha="center", va="center",
-                    color="white" if rates[i, j] > 0.5 else "black", fontsize=10)
+            ax.text(
+                j,
+                i,
+                f"{int(t[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if rates[i, j] > 0.5 else "black",
+                fontsize=10,
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=35, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted class")
@@ -85,11 +98,19 @@ def write_metrics(m: dict, classes: list[str], out: Path, title: str) -> None:
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(m, indent=1))
     os.replace(tmp, out / "metrics.json")
-    write_csv(out / "per_class.csv", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-                                      for row in m["per_class"]],
-              ["class", "precision", "recall", "f1", "support"])
-    write_csv(out / "confusion_matrix.csv",
-              [{"true \\ predicted": c, **dict(zip(classes, row))} for c, row in zip(classes, m["confusion"])],
-              ["true \\ predicted", *classes])
-    plot_confusion(m["confusion"], classes, f"{title}: test accuracy {m['accuracy']:.3f} (n={m['n']})",
-                   out / "confusion_matrix.png")
+    write_csv(
+        out / "per_class.csv",
+        [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in m["per_class"]],
+        ["class", "precision", "recall", "f1", "support"],
+    )
+    write_csv(
+        out / "confusion_matrix.csv",
+        [{"true \\ predicted": c, **dict(zip(classes, row))} for c, row in zip(classes, m["confusion"])],
+        ["true \\ predicted", *classes],
+    )
+    plot_confusion(
+        m["confusion"],
+        classes,
+        f"{title}: test accuracy {m['accuracy']:.3f} (n={m['n']})",
+        out / "confusion_matrix.png",
+    )

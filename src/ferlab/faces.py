@@ -40,7 +40,8 @@ def find_faces(gray: np.ndarray) -> list[Box]:
         gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         min_side = max(20, round(min_side * scale))
     found = _cascade().detectMultiScale(
-        cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+        cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side)
+    )
     boxes = [tuple(round(v / scale) for v in b) for b in np.asarray(found).reshape(-1, 4)]
     return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
 

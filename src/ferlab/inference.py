@@ -1,7 +1,7 @@
 """Using trained models: everything is rebuilt from the checkpoint, so preprocessing matches training.
 
-    >>> result = evaluate_checkpoint("runs/x/regularized-cnn/model.ckpt", "faces/")   # doctest: +SKIP
-    >>> result["accuracy"]                                                           # doctest: +SKIP
+>>> result = evaluate_checkpoint("runs/x/regularized-cnn/model.ckpt", "faces/")   # doctest: +SKIP
+>>> result["accuracy"]                                                           # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, out: Path) -
     records = scan(Path(folder).expanduser().absolute(), [], "evaluation")
     unknown = sorted({r.cls for r in records} - set(classes))
     if unknown:
-        raise FerlabError(f"{folder} has classes the model was not trained on: {', '.join(unknown)} "
-                          f"(it knows {', '.join(classes)}).")
+        raise FerlabError(
+            f"{folder} has classes the model was not trained on: {', '.join(unknown)} (it knows {', '.join(classes)})."
+        )
     decoded, reasons = decode_many([r.file for r in records], card["preprocess_obj"])
     keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
     skipped = [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
@@ -40,7 +41,12 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, out: Path) -
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(m, classes, out, card["model"])
     write_csv(out / "skipped_files.csv", skipped, ["file", "reason"])
-    write_csv(out / "predictions.csv",
-              [{"file": r.file, "true": r.cls, "predicted": classes[p], "confidence": round(float(c), 6)}
-               for (r, _), p, c in zip(keep, preds.tolist(), conf)], ["file", "true", "predicted", "confidence"])
+    write_csv(
+        out / "predictions.csv",
+        [
+            {"file": r.file, "true": r.cls, "predicted": classes[p], "confidence": round(float(c), 6)}
+            for (r, _), p, c in zip(keep, preds.tolist(), conf)
+        ],
+        ["file", "true", "predicted", "confidence"],
+    )
     return m

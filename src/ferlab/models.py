@@ -34,8 +34,9 @@ class Normalize(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         # folded into one multiply-add; not persistent, so state dicts hold only learned weights
         self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
-        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -97,6 +98,7 @@ def register(name: str, about: str, transfer: bool = False, study_label: str = "
     def deco(fn: Callable[..., Net]) -> Callable[..., Net]:
         REGISTRY[name] = ModelSpec(name, fn, about, transfer, study_label)
         return fn
+
     return deco
 
 
@@ -112,8 +114,9 @@ def create_model(name: str, num_classes: int, image_size: int = 100, weights: st
     return spec.build(num_classes, image_size)
 
 
-@register("baseline-cnn", "the original Model 1: two convs, flatten, dense 128 (no pooling, no dropout)",
-          study_label="model1")
+@register(
+    "baseline-cnn", "the original Model 1: two convs, flatten, dense 128 (no pooling, no dropout)", study_label="model1"
+)
 def baseline_cnn(num_classes: int, image_size: int) -> Net:
     side = image_size - 4  # two 'valid' 3x3 convolutions
     body = Body([nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU()], blocks=[0])
@@ -121,20 +124,37 @@ def baseline_cnn(num_classes: int, image_size: int) -> Net:
     return Net(Normalize(), body, head)
 
 
-@register("regularized-cnn", "the original Model 2: Model 1 with max-pooling and dropout",
-          study_label="model2")
+@register("regularized-cnn", "the original Model 2: Model 1 with max-pooling and dropout", study_label="model2")
 def regularized_cnn(num_classes: int, image_size: int) -> Net:
     side = ((image_size - 2) // 2 - 2) // 2
-    body = Body([nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
-                 nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)], blocks=[0, 4])
-    head = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Linear(128, num_classes))
+    body = Body(
+        [
+            nn.Conv2d(3, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+        ],
+        blocks=[0, 4],
+    )
+    head = nn.Sequential(
+        nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes)
+    )
     return Net(Normalize(), body, head)
 
 
 def _transfer_head(channels: int, num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1024), nn.ReLU(),
-                         nn.Dropout(0.5), nn.Linear(1024, num_classes))
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 1024),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(1024, num_classes),
+    )
 
 
 def _load_backbone(features: nn.Module, weights: str, arch: str, enum: torchvision.models.WeightsEnum) -> None:
@@ -149,33 +169,40 @@ def _load_backbone(features: nn.Module, weights: str, arch: str, enum: torchvisi
             raise FerlabError(
                 f"ImageNet weights for {arch} are not cached at {where} and could not be downloaded "
                 f"({e.__class__.__name__}); pass --weights PATH to a torchvision {arch} state dict, "
-                "or --weights none to train from random weights.") from None
+                "or --weights none to train from random weights."
+            ) from None
         source = f"ImageNet ({enum})"
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise FerlabError(f"Weights file {path} does not exist; pass a torchvision {arch} state dict, "
-                              "imagenet or none.")
+            raise FerlabError(
+                f"Weights file {path} does not exist; pass a torchvision {arch} state dict, imagenet or none."
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - pickle, zip and tensor errors all mean the same here
             raise FerlabError(f"Weights file {path} is not a PyTorch state dict ({e.__class__.__name__}).") from None
         source = str(path)
     if not isinstance(state, dict) or not any(str(k).startswith("features.") for k in state):
-        raise FerlabError(f"Weights file {source} holds no 'features.*' keys: it is not a torchvision {arch} "
-                          "state dict.")
+        raise FerlabError(
+            f"Weights file {source} holds no 'features.*' keys: it is not a torchvision {arch} state dict."
+        )
     own = features.state_dict()
     sub = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     missing, extra = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
     if missing or extra:
-        raise FerlabError(f"Weights file {source} does not fit {arch}: "
-                          f"{len(missing)} missing and {len(extra)} unexpected backbone keys "
-                          f"(e.g. {(missing or extra)[0]}).")
+        raise FerlabError(
+            f"Weights file {source} does not fit {arch}: "
+            f"{len(missing)} missing and {len(extra)} unexpected backbone keys "
+            f"(e.g. {(missing or extra)[0]})."
+        )
     for k, v in sub.items():
         if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise FerlabError(f"Weights file {source} does not fit {arch}: features.{k} has shape {got}, "
-                              f"expected {tuple(own[k].shape)}.")
+            raise FerlabError(
+                f"Weights file {source} does not fit {arch}: features.{k} has shape {got}, "
+                f"expected {tuple(own[k].shape)}."
+            )
     features.load_state_dict(sub)
 
 
@@ -184,8 +211,12 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-@register("vgg16-transfer", "ImageNet VGG16 conv base, global average pooling, dense 1024, dropout 0.5",
-          transfer=True, study_label="fine_tuned")
+@register(
+    "vgg16-transfer",
+    "ImageNet VGG16 conv base, global average pooling, dense 1024, dropout 0.5",
+    transfer=True,
+    study_label="fine_tuned",
+)
 def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.vgg16(weights=None).features
     _load_backbone(features, weights, "VGG16", torchvision.models.VGG16_Weights.IMAGENET1K_V1)
@@ -195,8 +226,12 @@ def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(512, num_classes))
 
 
-@register("mobilenetv2-transfer", "ImageNet MobileNetV2 features, global average pooling, dense 1024, "
-          "dropout 0.5", transfer=True, study_label="mobilenetv2_fine_tuned")
+@register(
+    "mobilenetv2-transfer",
+    "ImageNet MobileNetV2 features, global average pooling, dense 1024, dropout 0.5",
+    transfer=True,
+    study_label="mobilenetv2_fine_tuned",
+)
 def mobilenetv2_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.mobilenet_v2(weights=None).features
     _load_backbone(features, weights, "MobileNetV2", torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)

@@ -29,12 +29,22 @@ from ferlab.config import StudyConfig, to_dict
 from ferlab.data import Data, load_data, write_csv, write_manifest
 from ferlab.errors import FerlabError
 from ferlab.evaluate import metrics, write_metrics
-from ferlab.models import REGISTRY, STUDY, create_model
+from ferlab.models import REGISTRY, STUDY, Net, create_model
 from ferlab.summary import param_counts, summarize
 from ferlab.train import FitResult, fit_model, run_batches
 
-COMPARISON_COLUMNS = ["model", "parameters", "epochs_run", "best_epoch", "train_acc", "val_acc", "test_acc",
-                      "test_ci95_low", "test_ci95_high", "n_test"]
+COMPARISON_COLUMNS = [
+    "model",
+    "parameters",
+    "epochs_run",
+    "best_epoch",
+    "train_acc",
+    "val_acc",
+    "test_acc",
+    "test_ci95_low",
+    "test_ci95_high",
+    "n_test",
+]
 EPOCH_COLUMNS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
 
 
@@ -77,19 +87,28 @@ def new_run_dir(cfg: StudyConfig, suffix: str = "") -> Path:
 
 def record_run(run_dir: Path, cfg: StudyConfig, data: Data, argv: list[str]) -> None:
     resolved = to_dict(cfg)
-    resolved["dataset"] = {"description": data.description, "split_method": data.split_method,
-                           "classes": data.classes, "counts": data.counts(), "skipped_files": len(data.skipped)}
+    resolved["dataset"] = {
+        "description": data.description,
+        "split_method": data.split_method,
+        "classes": data.classes,
+        "counts": data.counts(),
+        "skipped_files": len(data.skipped),
+    }
     write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     write_text(run_dir / "command.txt", shlex.join(argv) + "\n")
     write_manifest(data, run_dir / "manifest.csv")
     write_csv(run_dir / "skipped_files.csv", [{"file": f, "reason": r} for f, r in data.skipped], ["file", "reason"])
     n = sum(len(s) for s in data.splits.values())
     if data.skipped:
-        warn(f"skipped {len(data.skipped)} of {n + len(data.skipped)} files that cannot be used "
-             f"(reasons in {run_dir / 'skipped_files.csv'})")
+        warn(
+            f"skipped {len(data.skipped)} of {n + len(data.skipped)} files that cannot be used "
+            f"(reasons in {run_dir / 'skipped_files.csv'})"
+        )
     counts = ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
-    say(f"ferlab: {data.description}: {len(data.classes)} classes ({', '.join(data.classes)}); {counts}; "
-        f"{data.split_method}")
+    say(
+        f"ferlab: {data.description}: {len(data.classes)} classes ({', '.join(data.classes)}); {counts}; "
+        f"{data.split_method}"
+    )
 
 
 @dataclass
@@ -99,9 +118,8 @@ class Trained:
     fit: FitResult
 
 
-def train_and_test(name: str, data: Data, cfg: StudyConfig, run_dir: Path) -> Trained:
+def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: Path) -> Trained:
     """Train one model into ``run_dir/name``; test once, on its best-validation weights."""
-    net = create_model(name, len(data.classes), data.pre.image_size, cfg.train.weights)
     out = run_dir / name
     out.mkdir(exist_ok=True)
     write_text(out / "summary.txt", summarize(net, data.pre.image_size, name) + "\n")
@@ -113,25 +131,53 @@ def train_and_test(name: str, data: Data, cfg: StudyConfig, run_dir: Path) -> Tr
     probs = run_batches(net, test.images).softmax(1)
     conf, preds = probs.max(1)
     m = metrics(preds, test.labels, data.classes)
-    m.update(model=name, best_epoch=fit.best_epoch, epochs_run=len(fit.epochs), fit_seconds=round(fit.seconds, 2),
-             precision=fit.precision, train_acc=fit.train_acc, val_acc=fit.best_val_acc)
+    m.update(
+        model=name,
+        best_epoch=fit.best_epoch,
+        epochs_run=len(fit.epochs),
+        fit_seconds=round(fit.seconds, 2),
+        precision=fit.precision,
+        train_acc=fit.train_acc,
+        val_acc=fit.best_val_acc,
+    )
     write_metrics(m, data.classes, out, name)
-    write_csv(out / "predictions.csv",
-              [{"file": f, "true": data.classes[t], "predicted": data.classes[p], "confidence": round(float(c), 6)}
-               for f, t, p, c in zip(test.files, test.labels.tolist(), preds.tolist(), conf)],
-              ["file", "true", "predicted", "confidence"])
-    card = {"data": {"description": data.description, "split_method": data.split_method,
-                     "counts": data.counts()},
-            "training": {"best_epoch": fit.best_epoch, "epochs_run": len(fit.epochs), "val_acc": fit.best_val_acc,
-                         "train_acc": fit.train_acc, "seconds": round(fit.seconds, 2), "config": to_dict(cfg.train)},
-            "test_metrics": {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1")}}
+    write_csv(
+        out / "predictions.csv",
+        [
+            {"file": f, "true": data.classes[t], "predicted": data.classes[p], "confidence": round(float(c), 6)}
+            for f, t, p, c in zip(test.files, test.labels.tolist(), preds.tolist(), conf)
+        ],
+        ["file", "true", "predicted", "confidence"],
+    )
+    card = {
+        "data": {"description": data.description, "split_method": data.split_method, "counts": data.counts()},
+        "training": {
+            "best_epoch": fit.best_epoch,
+            "epochs_run": len(fit.epochs),
+            "val_acc": fit.best_val_acc,
+            "train_acc": fit.train_acc,
+            "seconds": round(fit.seconds, 2),
+            "config": to_dict(cfg.train),
+        },
+        "test_metrics": {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1")},
+    }
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
-    row = {"model": name, "parameters": param_counts(net)[0], "epochs_run": len(fit.epochs),
-           "best_epoch": fit.best_epoch, "train_acc": round(fit.train_acc, 4), "val_acc": round(fit.best_val_acc, 4),
-           "test_acc": round(m["accuracy"], 4), "test_ci95_low": round(m["ci95"][0], 4),
-           "test_ci95_high": round(m["ci95"][1], 4), "n_test": m["n"]}
-    say(f"ferlab: {name}: test accuracy {m['accuracy']:.3f} (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
-        f"n={m['n']}), best epoch {fit.best_epoch} of {len(fit.epochs)}, {fit.seconds:.0f} s")
+    row = {
+        "model": name,
+        "parameters": param_counts(net)[0],
+        "epochs_run": len(fit.epochs),
+        "best_epoch": fit.best_epoch,
+        "train_acc": round(fit.train_acc, 4),
+        "val_acc": round(fit.best_val_acc, 4),
+        "test_acc": round(m["accuracy"], 4),
+        "test_ci95_low": round(m["ci95"][0], 4),
+        "test_ci95_high": round(m["ci95"][1], 4),
+        "n_test": m["n"],
+    }
+    say(
+        f"ferlab: {name}: test accuracy {m['accuracy']:.3f} (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
+        f"n={m['n']}), best epoch {fit.best_epoch} of {len(fit.epochs)}, {fit.seconds:.0f} s"
+    )
     return Trained(name, row, fit)
 
 
@@ -151,29 +197,34 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         if m not in REGISTRY:
             raise FerlabError(f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
     data = open_data(cfg)
-    run_dir = new_run_dir(cfg, "" if len(models) > 1 else f"-{models[0]}")
-    record_run(run_dir, cfg, data, argv)
-    single = len(models) == 1
-    done: list[Trained] = []
+    nets: dict[str, Net] = {}
     left_out: list[dict] = []
-    for name in models:
+    for name in models:  # weights are fetched before any run folder exists: a failed start leaves nothing
         try:
-            done.append(train_and_test(name, data, cfg, run_dir))
+            nets[name] = create_model(name, len(data.classes), data.pre.image_size, cfg.train.weights)
         except FerlabError as e:
-            if single or not REGISTRY[name].transfer:
+            if len(models) == 1 or not REGISTRY[name].transfer:
                 raise
             # the rest of the study still stands without a transfer model whose weights cannot be had
             warn(f"{name} left out of this study: {e}")
             left_out.append({"model": name, "reason": str(e)})
+    run_dir = new_run_dir(cfg, "" if len(models) > 1 else f"-{models[0]}")
+    record_run(run_dir, cfg, data, argv)
+    done = [train_and_test(name, net, data, cfg, run_dir) for name, net in nets.items()]
     rows = [t.row for t in done]
     write_csv(run_dir / "test_accuracy_comparison.csv", rows, COMPARISON_COLUMNS)
     for t in done:
-        write_csv(run_dir / f"{REGISTRY[t.name].study_label}_accuracy.csv",
-                  [{"epoch": e["epoch"], "training_accuracy": e["train_acc"]} for e in t.fit.epochs],
-                  ["epoch", "training_accuracy"])
-    summary = {"models": [t.name for t in done], "left_out": left_out,
-               "fit_seconds": {t.name: round(t.fit.seconds, 2) for t in done},
-               "wall_seconds": round(time.perf_counter() - t0, 2)}
+        write_csv(
+            run_dir / f"{REGISTRY[t.name].study_label}_accuracy.csv",
+            [{"epoch": e["epoch"], "training_accuracy": e["train_acc"]} for e in t.fit.epochs],
+            ["epoch", "training_accuracy"],
+        )
+    summary = {
+        "models": [t.name for t in done],
+        "left_out": left_out,
+        "fit_seconds": {t.name: round(t.fit.seconds, 2) for t in done},
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
     write_text(run_dir / "run.json", json.dumps(summary, indent=1))
     print(format_table(rows, COMPARISON_COLUMNS))
     say(f"ferlab: run folder {run_dir} ({summary['wall_seconds']:.0f} s)")

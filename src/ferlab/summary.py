@@ -1,8 +1,8 @@
 """A Keras-style model summary: layer, type, output shape, parameters, then the totals.
 
-    >>> from ferlab.models import create_model
-    >>> print(summarize(create_model("baseline-cnn", 6), 100))            # doctest: +ELLIPSIS
-    Model: baseline-cnn...
+>>> from ferlab.models import create_model
+>>> print(summarize(create_model("baseline-cnn", 6), 100))            # doctest: +ELLIPSIS
+Model: baseline-cnn...
 """
 
 from __future__ import annotations
@@ -50,11 +50,17 @@ def summarize(model: Net, image_size: int, name: str = "") -> str:
     header = ("Layer", "Type", "Output shape", "Param #")
     body = [(p, t, s, f"{n:,}") for p, t, s, n in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(4)]
-    line = "  ".join("{:<%d}" % w for w in widths[:3]) + "  {:>%d}" % widths[3]
+    line = "  ".join(f"{{:<{w}}}" for w in widths[:3]) + f"  {{:>{widths[3]}}}"
     rule = "-" * (sum(widths) + 6)
-    out = [f"Model: {name or type(model).__name__} (input 3x{image_size}x{image_size})", rule,
-           line.format(*header), rule, *(line.format(*r) for r in body), rule,
-           f"Total params: {total:,} ({_mb(total)})",
-           f"Trainable params: {trainable:,} ({_mb(trainable)})",
-           f"Non-trainable params: {total - trainable:,} ({_mb(total - trainable)})"]
+    out = [
+        f"Model: {name or type(model).__name__} (input 3x{image_size}x{image_size})",
+        rule,
+        line.format(*header),
+        rule,
+        *(line.format(*r) for r in body),
+        rule,
+        f"Total params: {total:,} ({_mb(total)})",
+        f"Trainable params: {trainable:,} ({_mb(trainable)})",
+        f"Non-trainable params: {total - trainable:,} ({_mb(total - trainable)})",
+    ]
     return "\n".join(out)

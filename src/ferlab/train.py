@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,21 +30,27 @@ from ferlab.config import TrainConfig
 from ferlab.data import Data
 from ferlab.models import REGISTRY, Net
 
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-              "lightning.fabric.utilities.seed"):
+for _name in (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.fabric.utilities.seed",
+):
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen part, on purpose
 warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
 
 
 def face_augment() -> v2.Transform:
     """Augmentation suited to faces: mirror, small rotation/scale/shift, brightness/contrast."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.92, 1.08)),
-        v2.ColorJitter(brightness=0.25, contrast=0.25),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.92, 1.08)),
+            v2.ColorJitter(brightness=0.25, contrast=0.25),
+        ]
+    )
 
 
 class Augment(nn.Module):
@@ -60,15 +67,25 @@ class Augment(nn.Module):
 class Classifier(L.LightningModule):
     """``frozen`` (no gradients, eval mode) then ``trainable``; one shared step for train/val/test."""
 
-    def __init__(self, frozen: nn.Module, trainable: nn.Module, num_classes: int, lr: float,
-                 augment: nn.Module | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        frozen: nn.Module,
+        trainable: nn.Module,
+        num_classes: int,
+        lr: float,
+        augment: nn.Module | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.frozen, self.trainable, self.augment, self.lr = frozen, trainable, augment, lr
         self.channels_last = channels_last
         # ModuleDict keys must not shadow nn.Module attributes such as .train
-        self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes,
-                                                                                            average="micro")
-                                  for s in ("train", "val", "test")})
+        self.acc = nn.ModuleDict(
+            {
+                f"{s}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+                for s in ("train", "val", "test")
+            }
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -78,6 +95,7 @@ class Classifier(L.LightningModule):
         return self.trainable(x)
 
     def on_train_epoch_start(self) -> None:
+        self.trainable.train()
         self.frozen.eval()  # frozen batch-norm statistics must not drift either
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
@@ -107,18 +125,31 @@ class Classifier(L.LightningModule):
 class EpochTable(Callback):
     """One row per epoch: the per-epoch CSV, and what the report plots."""
 
-    def __init__(self, stage: int, first_epoch: int):
-        self.stage, self.first, self.rows = stage, first_epoch, []
+    def __init__(self, stage: int, first_epoch: int, echo: bool = False):
+        self.stage, self.first, self.rows, self.echo = stage, first_epoch, [], echo
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):  # runs after that epoch's validation
         m = trainer.callback_metrics
-        self.rows.append({"epoch": self.first + trainer.current_epoch, "stage": self.stage,
-                          **{f"{s}_{k}": round(float(m[f"{s}/{k}"]), 6)
-                             for s in ("train", "val") for k in ("loss", "acc")},
-                          "seconds": round(time.perf_counter() - self.t0, 3)})
+        self.rows.append(
+            {
+                "epoch": self.first + trainer.current_epoch,
+                "stage": self.stage,
+                **{f"{s}_{k}": round(float(m[f"{s}/{k}"]), 6) for s in ("train", "val") for k in ("loss", "acc")},
+                "seconds": round(time.perf_counter() - self.t0, 3),
+            }
+        )
+        if self.echo:  # without a progress bar, one line per epoch (as Keras' verbose=2)
+            r = self.rows[-1]
+            print(
+                f"  epoch {r['epoch']:3d} (stage {r['stage']}): train acc {r['train_acc']:.4f} loss "
+                f"{r['train_loss']:.4f}, val acc {r['val_acc']:.4f} loss {r['val_loss']:.4f}, "
+                f"{r['seconds']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class KeepBest(Callback):
@@ -160,16 +191,23 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
     """Whole batches sliced from in-memory tensors: no per-item collation."""
     ds = TensorDataset(x, y)
     sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        ds,
+        sampler=BatchSampler(sampler, batch_size, drop_last=False),
+        batch_size=None,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 @torch.inference_mode()
 def run_batches(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     module.eval()
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    return torch.cat([module(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]) \
-        if len(x) else torch.empty(0)
+    return (
+        torch.cat([module(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+        if len(x)
+        else torch.empty(0)
+    )
 
 
 def _stages(name: str, cfg: TrainConfig) -> list[tuple[int | None, float, bool]]:
@@ -198,20 +236,31 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
         for p in trainable.parameters():
             p.requires_grad_(True)
         xs = {"train": train.images, "val": val.images}
-        if not aug and any(True for _ in frozen.parameters()):
+        if cfg.feature_cache and not aug and any(True for _ in frozen.parameters()):
             # nothing about the frozen part changes between epochs: run it once, train on its output
             xs = {s: run_batches(frozen, x) for s, x in xs.items()}
             frozen = nn.Identity()
         module = Classifier(frozen, trainable, len(data.classes), lr, Augment(face_augment()) if aug else None)
-        table = EpochTable(stage, first_epoch=len(result.epochs) + 1)
+        table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not cfg.progress)
         keep.offset = len(result.epochs)
         trainer = L.Trainer(
-            max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices, precision=precision,
+            max_epochs=cfg.max_epochs,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            precision=precision,
             callbacks=[table, keep, EarlyStopping("val/acc", mode="max", patience=cfg.patience)],
-            logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-            enable_progress_bar=cfg.progress, deterministic=False)
-        trainer.fit(module, _loader(xs["train"], train.labels, cfg.batch_size, True, cfg.seed + stage),
-                    _loader(xs["val"], val.labels, cfg.batch_size, False, 0))
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            enable_progress_bar=cfg.progress,
+            deterministic=False,
+        )
+        trainer.fit(
+            module,
+            _loader(xs["train"], train.labels, cfg.batch_size, True, cfg.seed + stage),
+            _loader(xs["val"], val.labels, cfg.batch_size, False, 0),
+        )
         result.epochs += table.rows
         if keep.state is not None:
             net.load_state_dict(keep.state)

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny generated image sets, the real datasets when present, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CKPLUS = SHARED / "datasets" / "ckplus48"
+WEIGHTS = SHARED / "weights"
+ARTIFACTS = ROOT / "test-artifacts"
+
+os.environ.setdefault("FERLAB_CACHE", str(ROOT / "test-artifacts" / "cache"))
+
+
+def shape_image(cls: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A learnable toy class: a filled circle, square or triangle on a noisy background."""
+    bg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    c = size / 2 + rng.uniform(-4, 4, 2)
+    r = size * rng.uniform(0.25, 0.35)
+    fg = tuple(int(v) for v in rng.integers(150, 256, 3))
+    if cls % 3 == 0:
+        d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=fg)
+    elif cls % 3 == 1:
+        d.rectangle([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=fg)
+    else:
+        d.polygon([(c[0], c[1] - r), (c[0] - r, c[1] + r), (c[0] + r, c[1] + r)], fill=fg)
+    a = np.asarray(im, float) + rng.normal(0, 10, (size, size, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def make_tree(
+    root: Path,
+    classes: tuple[str, ...] = ("circle", "square", "triangle"),
+    per_class: int = 20,
+    groups: int = 0,
+    seed: int = 0,
+) -> Path:
+    """DIR/<class>/<file>.png; with ``groups``, files are named G<k>_... so --group-by '^(G\\d+)_' applies."""
+    rng = np.random.default_rng(seed)
+    for ci, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            prefix = f"G{n % groups}_" if groups else ""
+            shape_image(ci, rng).save(root / cls / f"{prefix}{cls}_{n:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "shapes")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "ferlab.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+requires_ckplus = pytest.mark.skipif(not CKPLUS.is_dir(), reason="../shared/datasets/ckplus48 is not present")
+requires_weights = pytest.mark.skipif(
+    not (WEIGHTS / "vgg16_imagenet_features.pth").is_file(), reason="../shared/weights is not present"
+)

@@ -1,0 +1,193 @@
+"""The real CLI end to end on tiny generated data: run folders, tables, reruns, evaluate, user mistakes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ferlab.config import StudyConfig, merge
+from ferlab.errors import FerlabError
+
+from .conftest import make_tree, run_cli
+
+FAST = ["--image-size", "32", "--max-epochs", "3", "--no-progress"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def only_run(out: Path) -> Path:
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    """Two identical seeded runs of the two scratch CNNs, with a separate test folder."""
+    base = tmp_path_factory.mktemp("study")
+    data = make_tree(base / "shapes", per_class=24)
+    test = make_tree(base / "shapes-test", per_class=8, seed=7)
+    runs = []
+    for i in range(2):
+        out = base / f"out{i}"
+        r = run_cli(
+            "run",
+            str(data),
+            "--test-dir",
+            str(test),
+            "--models",
+            "baseline-cnn",
+            "regularized-cnn",
+            "--out",
+            str(out),
+            *FAST,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(only_run(out))
+    return data, test, runs
+
+
+@pytest.mark.slow
+def test_run_folder_holds_the_whole_record(study):
+    _, _, (run, _) = study
+    for name in (
+        "config.yaml",
+        "command.txt",
+        "manifest.csv",
+        "skipped_files.csv",
+        "run.json",
+        "test_accuracy_comparison.csv",
+        "model1_accuracy.csv",
+        "model2_accuracy.csv",
+    ):
+        assert (run / name).is_file(), name
+    for model in ("baseline-cnn", "regularized-cnn"):
+        for name in (
+            "summary.txt",
+            "epochs.csv",
+            "metrics.json",
+            "per_class.csv",
+            "confusion_matrix.csv",
+            "confusion_matrix.png",
+            "predictions.csv",
+            "model.ckpt",
+        ):
+            assert (run / model / name).is_file(), (model, name)
+        epochs = read_csv(run / model / "epochs.csv")
+        assert list(epochs[0]) == ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+        assert [int(e["epoch"]) for e in epochs] == list(range(1, len(epochs) + 1))
+    rows = read_csv(run / "test_accuracy_comparison.csv")
+    assert [r["model"] for r in rows] == ["baseline-cnn", "regularized-cnn"]
+    assert list(rows[0]) == [
+        "model",
+        "parameters",
+        "epochs_run",
+        "best_epoch",
+        "train_acc",
+        "val_acc",
+        "test_acc",
+        "test_ci95_low",
+        "test_ci95_high",
+        "n_test",
+    ]
+    assert rows[0]["n_test"] == "24" and rows[0]["parameters"] == str(64 * 28 * 28 * 128 + 128 + 896 + 18496 + 387)
+    for r in rows:
+        assert float(r["test_ci95_low"]) <= float(r["test_acc"]) <= float(r["test_ci95_high"])
+        best = read_csv(run / r["model"] / "epochs.csv")[int(r["best_epoch"]) - 1]
+        assert float(best["val_acc"]) == pytest.approx(float(r["val_acc"]), abs=1e-4)
+        assert max(float(e["val_acc"]) for e in read_csv(run / r["model"] / "epochs.csv")) == pytest.approx(
+            float(r["val_acc"]), abs=1e-4
+        )
+    m1 = read_csv(run / "model1_accuracy.csv")
+    assert list(m1[0]) == ["epoch", "training_accuracy"] and len(m1) == int(rows[0]["epochs_run"])
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["max_epochs"] == 3 and cfg["data"]["image_size"] == 32
+    assert cfg["dataset"]["counts"]["test"] == {"circle": 8, "square": 8, "triangle": 8}
+
+
+@pytest.mark.slow
+def test_same_seed_reproduces_every_table(study):
+    _, _, (a, b) = study
+    assert (a / "test_accuracy_comparison.csv").read_text() == (b / "test_accuracy_comparison.csv").read_text()
+    assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
+    for model in ("baseline-cnn", "regularized-cnn"):
+        strip = [{k: v for k, v in e.items() if k != "seconds"} for e in read_csv(a / model / "epochs.csv")]
+        assert strip == [{k: v for k, v in e.items() if k != "seconds"} for e in read_csv(b / model / "epochs.csv")]
+
+
+@pytest.mark.slow
+def test_regularized_cnn_learns_the_toy_shapes(study):
+    _, _, (run, _) = study
+    row = {r["model"]: r for r in read_csv(run / "test_accuracy_comparison.csv")}["regularized-cnn"]
+    assert float(row["val_acc"]) > 0.5  # three classes: chance is 0.33
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_run_test_accuracy(study, tmp_path):
+    _, test, (run, _) = study
+    for model in ("baseline-cnn", "regularized-cnn"):
+        r = run_cli("evaluate", str(run / model / "model.ckpt"), str(test), "--out", str(tmp_path / model))
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads((tmp_path / model / "metrics.json").read_text())
+        want = json.loads((run / model / "metrics.json").read_text())
+        assert got["accuracy"] == want["accuracy"] and got["confusion"] == want["confusion"]
+
+
+@pytest.mark.slow
+def test_train_one_model_into_its_own_folder(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=12)
+    r = run_cli("train", str(data), "--model", "regularized-cnn", "--out", str(tmp_path / "o"), *FAST)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = only_run(tmp_path / "o")
+    assert run.name.endswith("-d-regularized-cnn")
+    assert [r["model"] for r in read_csv(run / "test_accuracy_comparison.csv")] == ["regularized-cnn"]
+
+
+def _one_error_line(r, message: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ferlab: error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "The data folder {tmp}/nowhere does not exist; pass a folder of class sub-folders."),
+        ("one-class", "a classifier needs at least 2 classes."),
+        ("unknown-model", "Unknown model 'resnet'; choose from: baseline-cnn, regularized-cnn"),
+        ("bad-checkpoint", "is not a ferlab checkpoint or is corrupted"),
+        ("bad-config", "Unknown config key 'train.epochs'; expected one of: max_epochs,"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
+    out = tmp_path / "out"
+    if case == "missing":
+        r = run_cli("run", str(tmp_path / "nowhere"), "--out", str(out))
+    elif case == "one-class":
+        r = run_cli("run", str(make_tree(tmp_path / "d", classes=("only",), per_class=4)), "--out", str(out))
+    elif case == "unknown-model":
+        r = run_cli("run", str(make_tree(tmp_path / "d", per_class=4)), "--models", "resnet", "--out", str(out))
+    elif case == "bad-checkpoint":
+        (tmp_path / "x.ckpt").write_bytes(b"garbage")
+        r = run_cli("evaluate", str(tmp_path / "x.ckpt"), str(make_tree(tmp_path / "d", per_class=2)))
+    else:
+        (tmp_path / "c.yaml").write_text("train:\n  epochs: 3\n")
+        r = run_cli("run", "--config", str(tmp_path / "c.yaml"), "--out", str(out))
+    _one_error_line(r, message.format(tmp=tmp_path))
+    assert not out.exists() or not any(out.iterdir()), "a failed start must not leave a half-made run folder"
+
+
+def test_config_merge_is_strict_and_typed():
+    cfg = merge(StudyConfig(), {"train": {"max_epochs": 7, "lr": 1}, "data": {"split": [0.7, 0.15, 0.15]}})
+    assert cfg.train.max_epochs == 7 and cfg.train.lr == 1.0 and cfg.data.split == [0.7, 0.15, 0.15]
+    with pytest.raises(FerlabError, match=r"Config key 'train.max_epochs' must be int, got 'ten'\."):
+        merge(StudyConfig(), {"train": {"max_epochs": "ten"}})
+    with pytest.raises(FerlabError, match=r"Config key 'data.face_crop' must be one of off, auto, on"):
+        merge(StudyConfig(), {"data": {"face_crop": "maybe"}})

@@ -1,0 +1,161 @@
+"""Transfer models: loading backbone weights, clear errors, frozen means frozen, feature cache == no cache."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from ferlab import cli
+from ferlab.config import DataConfig, TrainConfig
+from ferlab.data import load_data
+from ferlab.errors import FerlabError
+from ferlab.models import create_model
+from ferlab.train import fit_model
+
+from .conftest import make_tree
+
+
+@pytest.fixture(scope="module")
+def mobilenet_file(tmp_path_factory):
+    """A full torchvision MobileNetV2 state dict (classifier keys included) with known random values."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("w") / "mnv2.pth"
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vgg_features_file(tmp_path_factory):
+    """Only the features.* keys, as ../shared/weights/vgg16_imagenet_features.pth has them."""
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("w") / "vgg_features.pth"
+    sd = torchvision.models.vgg16(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in sd.items()}, path)
+    return path
+
+
+def test_backbone_weights_load_from_files(mobilenet_file, vgg_features_file):
+    net = create_model("mobilenetv2-transfer", 4, 32, weights=str(mobilenet_file))
+    want = torch.load(mobilenet_file, weights_only=True)
+    for k, v in net.body.state_dict().items():
+        torch.testing.assert_close(v, want[f"features.{k}"])
+    net = create_model("vgg16-transfer", 4, 32, weights=str(vgg_features_file))
+    want = torch.load(vgg_features_file, weights_only=True)
+    torch.testing.assert_close(net.body[28].weight, want["features.28.weight"])
+
+
+def test_wrong_weight_files_are_one_sentence(tmp_path, mobilenet_file):
+    with pytest.raises(FerlabError, match=r"does not fit VGG16: \d+ missing and \d+ unexpected backbone keys"):
+        create_model("vgg16-transfer", 4, 32, weights=str(mobilenet_file))
+    (tmp_path / "junk.pth").write_text("hello")
+    with pytest.raises(FerlabError, match=r"junk.pth is not a PyTorch state dict \("):
+        create_model("vgg16-transfer", 4, 32, weights=str(tmp_path / "junk.pth"))
+    sd = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).state_dict()
+    torch.save(sd, tmp_path / "narrow.pth")
+    with pytest.raises(
+        FerlabError,
+        match=r"does not fit MobileNetV2: features.0.0.weight has shape \(16, 3, 3, 3\), "
+        r"expected \(32, 3, 3, 3\)\.",
+    ):
+        create_model("mobilenetv2-transfer", 4, 32, weights=str(tmp_path / "narrow.pth"))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(FerlabError, match="holds no 'features.\\*' keys: it is not a torchvision VGG16 state dict"):
+        create_model("vgg16-transfer", 4, 32, weights=str(tmp_path / "other.pth"))
+    with pytest.raises(FerlabError, match="Weights file .*missing.pth does not exist"):
+        create_model("vgg16-transfer", 4, 32, weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty torch cache: what a fresh machine without internet sees."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def refuse(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def test_offline_without_weights_names_both_ways_out(offline, tmp_path, capsys):
+    with pytest.raises(FerlabError) as e:
+        create_model("vgg16-transfer", 4, 32, weights="imagenet")
+    assert str(e.value).startswith("ImageNet weights for VGG16 are not cached at ")
+    assert "pass --weights PATH to a torchvision VGG16 state dict, or --weights none" in str(e.value)
+    data = make_tree(tmp_path / "d", per_class=10)
+    assert cli.main(["train", str(data), "--model", "vgg16-transfer", "--out", str(tmp_path / "o")]) == 2
+    assert "ferlab: error: ImageNet weights for VGG16 are not cached" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "no run folder for a run that cannot start"
+
+
+def test_study_leaves_out_a_transfer_model_without_weights(offline, tmp_path, capsys):
+    data = make_tree(tmp_path / "d", per_class=10)
+    rc = cli.main(
+        [
+            "run",
+            str(data),
+            "--models",
+            "regularized-cnn",
+            "vgg16-transfer",
+            "--out",
+            str(tmp_path / "o"),
+            "--image-size",
+            "32",
+            "--max-epochs",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert "ferlab: warning: vgg16-transfer left out of this study: ImageNet weights" in capsys.readouterr().err
+    (run,) = (tmp_path / "o").iterdir()
+    assert (run / "test_accuracy_comparison.csv").read_text().count("\n") == 2  # header + regularized-cnn
+    assert "vgg16-transfer" in (run / "run.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return load_data(DataConfig(data=str(make_tree(tmp_path_factory.mktemp("t") / "d", per_class=10)), image_size=32))
+
+
+@pytest.mark.parametrize("name", ["vgg16-transfer", "mobilenetv2-transfer"])
+def test_stage_one_leaves_the_frozen_base_unchanged(tiny_data, name):
+    torch.manual_seed(0)
+    net = create_model(name, 3, 32, weights="none")
+    body = {k: v.clone() for k, v in net.body.state_dict().items()}  # batch-norm statistics included
+    head = {k: v.clone() for k, v in net.head.state_dict().items()}
+    fit_model(name, net, tiny_data, TrainConfig(max_epochs=2, fine_tune=False, progress=False))
+    for k, v in net.body.state_dict().items():
+        assert torch.equal(v, body[k]), k
+    assert any(not torch.equal(v, head[k]) for k, v in net.head.state_dict().items())
+
+
+def test_feature_cache_trains_the_same_head_as_the_full_forward(tiny_data):
+    heads = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        net = create_model("vgg16-transfer", 3, 32, weights="none")
+        fit_model(
+            "vgg16-transfer",
+            net,
+            tiny_data,
+            TrainConfig(max_epochs=2, fine_tune=False, progress=False, feature_cache=cache),
+        )
+        heads.append(net.head.state_dict())
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], atol=2e-5, rtol=1e-4)
+
+
+def test_fine_tuning_unfreezes_only_the_last_block(tiny_data):
+    torch.manual_seed(0)
+    net = create_model("vgg16-transfer", 3, 32, weights="none")
+    before = {k: v.clone() for k, v in net.body.state_dict().items()}
+    result = fit_model(
+        "vgg16-transfer", net, tiny_data, TrainConfig(max_epochs=2, patience=5, progress=False, augment="off")
+    )
+    assert {e["stage"] for e in result.epochs} == {1, 2}
+    changed = {k.split(".")[0] for k, v in net.body.state_dict().items() if not torch.equal(v, before[k])}
+    # block 5 is features 24..30; stage 2's best weights may be stage 1's, so allow "nothing changed" too
+    assert changed <= {"24", "26", "28"}
