@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -60,6 +61,11 @@ def tiny_tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "shapes")
 
 
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess, as a user runs it."""
     return subprocess.run(
@@ -76,3 +82,40 @@ requires_ckplus = pytest.mark.skipif(not CKPLUS.is_dir(), reason="../shared/data
 requires_weights = pytest.mark.skipif(
     not (WEIGHTS / "vgg16_imagenet_features.pth").is_file(), reason="../shared/weights is not present"
 )
+
+
+FAST = ["--image-size", "32", "--max-epochs", "3", "--no-progress"]
+
+
+def only_run(out: Path) -> Path:
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    """Two identical seeded runs of the two scratch CNNs, with a separate test folder and new images."""
+    base = tmp_path_factory.mktemp("study")
+    data = make_tree(base / "shapes", per_class=24)
+    test = make_tree(base / "shapes-test", per_class=8, seed=7)
+    new = make_tree(base / "new", per_class=2, seed=11)
+    runs = []
+    for i in range(2):
+        out = base / f"out{i}"
+        r = run_cli(
+            "run",
+            str(data),
+            "--test-dir",
+            str(test),
+            "--models",
+            "baseline-cnn",
+            "regularized-cnn",
+            "--predict-dir",
+            str(new),
+            "--out",
+            str(out),
+            *FAST,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(only_run(out))
+    return data, test, runs

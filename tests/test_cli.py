@@ -12,45 +12,12 @@ import yaml
 from ferlab.config import StudyConfig, merge
 from ferlab.errors import FerlabError
 
-from .conftest import make_tree, run_cli
-
-FAST = ["--image-size", "32", "--max-epochs", "3", "--no-progress"]
+from .conftest import FAST, make_tree, only_run, run_cli
 
 
 def read_csv(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def only_run(out: Path) -> Path:
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    return run
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
-    """Two identical seeded runs of the two scratch CNNs, with a separate test folder."""
-    base = tmp_path_factory.mktemp("study")
-    data = make_tree(base / "shapes", per_class=24)
-    test = make_tree(base / "shapes-test", per_class=8, seed=7)
-    runs = []
-    for i in range(2):
-        out = base / f"out{i}"
-        r = run_cli(
-            "run",
-            str(data),
-            "--test-dir",
-            str(test),
-            "--models",
-            "baseline-cnn",
-            "regularized-cnn",
-            "--out",
-            str(out),
-            *FAST,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs.append(only_run(out))
-    return data, test, runs
 
 
 @pytest.mark.slow
@@ -137,6 +104,19 @@ def test_evaluate_reproduces_the_run_test_accuracy(study, tmp_path):
         got = json.loads((tmp_path / model / "metrics.json").read_text())
         want = json.loads((run / model / "metrics.json").read_text())
         assert got["accuracy"] == want["accuracy"] and got["confusion"] == want["confusion"]
+
+
+@pytest.mark.slow
+def test_predicting_the_test_split_reproduces_evaluate_exactly(study, tmp_path):
+    _, test, (run, _) = study
+    cks = [str(run / m / "model.ckpt") for m in ("baseline-cnn", "regularized-cnn")]
+    r = run_cli("predict", "--checkpoint", cks[0], "--checkpoint", cks[1], str(test), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_csv(tmp_path / "prediction_results.csv")
+    assert len(rows) == 24 and all(row["correct_class"] for row in rows)
+    for model in ("baseline-cnn", "regularized-cnn"):
+        acc = sum(row[f"{model}_predicted"] == row["correct_class"] for row in rows) / len(rows)
+        assert acc == json.loads((run / model / "metrics.json").read_text())["accuracy"]
 
 
 @pytest.mark.slow

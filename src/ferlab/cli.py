@@ -4,6 +4,8 @@
     ferlab run ../shared/datasets/ckplus48 --drop-classes contempt --group-by '^(S\\d+)_'
     ferlab train DATA --model regularized-cnn --max-epochs 20
     ferlab evaluate runs/<run>/regularized-cnn/model.ckpt DATA
+    ferlab predict --checkpoint runs/<run>/vgg16-transfer/model.ckpt photos/ --out predictions/
+    ferlab report runs/<run>
     ferlab summary baseline-cnn
 
 A mistake a user can make ends in one ``ferlab: error: ...`` sentence and exit status 2, never a traceback.
@@ -48,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     ev.add_argument("data", help="folder-per-class images (DIR/<class>/<images>)")
     ev.add_argument("--out", help="where to write the metrics (default: runs/<timestamp>-evaluate)")
+    pr = sub.add_parser("predict", help="predict new images with one or more saved models")
+    pr.add_argument("--checkpoint", action="append", required=True, help="a model.ckpt (repeat for more models)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    pr.add_argument("--labels", help="CSV of filename,label giving the correct classes")
+    pr.add_argument("--all-faces", action="store_true", help="one row per detected face instead of per image")
+    pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
+    rp = sub.add_parser("report", help="write report.html and report.md for a run folder")
+    rp.add_argument("run_dir")
     sm = sub.add_parser("summary", help="print a Keras-style summary of a model")
     sm.add_argument("model", choices=list(REGISTRY))
     sm.add_argument("--num-classes", type=int, default=6)
@@ -95,6 +105,24 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             f"{m['model']}: accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
             f"n={m['n']}), macro-F1 {m['macro_f1']:.4f}; details in {out}"
         )
+        return 0
+    if args.command == "report":
+        from ferlab.report import build_report
+
+        html_path, md_path = build_report(args.run_dir)
+        print(f"ferlab: wrote {html_path} and {md_path}")
+        return 0
+    if args.command == "predict":
+        from ferlab.predict import run_predict
+
+        out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-predict")
+        rows, skipped = run_predict(args.checkpoint, args.inputs, out, args.labels, args.all_faces)
+        if skipped:
+            print(
+                f"ferlab: warning: {len(skipped)} inputs skipped (reasons in {out / 'skipped_files.csv'})",
+                file=sys.stderr,
+            )
+        print(f"ferlab: {len(rows)} predictions in {out / 'prediction_results.csv'} and {out / 'prediction_grid.png'}")
         return 0
     from ferlab.study import run_study
 

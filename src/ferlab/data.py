@@ -90,12 +90,24 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
     return im.convert("RGB")
 
 
+_FACES: dict[tuple[str, int, int], list[faces.Box]] = {}  # (path, mtime, size) -> boxes: detect once
+
+
+def detect(path: str | Path, im: Image.Image) -> list[faces.Box]:
+    """Faces in the decoded image, largest first; each file is searched once per process."""
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _FACES:
+        _FACES[key] = faces.find_faces(np.asarray(im.convert("L")))
+    return _FACES[key]
+
+
 def decode(path: str | Path, pre: Preprocess, all_faces: bool = False) -> list[Decoded]:
     """Decode, face-crop by ``pre.face_crop`` and resize one file; one entry per face with ``all_faces``."""
     im = open_rgb(path, pre.max_pixels)
     boxes: list[faces.Box | None] = [None]
-    if pre.face_crop != "off" or all_faces:
-        found = faces.find_faces(np.asarray(im.convert("L")))
+    if pre.face_crop != "off":
+        found = detect(path, im)
         if found:
             boxes = list(found) if all_faces else found[:1]
         elif pre.face_crop == "on":
@@ -103,7 +115,7 @@ def decode(path: str | Path, pre: Preprocess, all_faces: bool = False) -> list[D
     out = []
     for box in boxes:
         crop = im
-        if box is not None and (pre.face_crop != "off"):
+        if box is not None:
             x, y, w, h = faces.expand(box, pre.face_margin, im.width, im.height)
             crop = im.crop((x, y, x + w, y + h))
         crop = crop.resize((pre.image_size, pre.image_size), Image.Resampling.BILINEAR)

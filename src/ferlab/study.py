@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import torch
 import yaml
 
 from ferlab import demo
@@ -181,6 +182,27 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: P
     return Trained(name, row, fit)
 
 
+def predict_new_images(folder: str, done: list[Trained], run_dir: Path) -> None:
+    """The study's last step: the best from-scratch model (by validation accuracy) and each transfer model
+    predict new images."""
+    from ferlab.predict import run_predict
+
+    scratch = [t for t in done if not REGISTRY[t.name].transfer]
+    chosen = [max(scratch, key=lambda t: t.fit.best_val_acc)] if scratch else []
+    chosen += [t for t in done if REGISTRY[t.name].transfer]
+    try:
+        rows, skipped = run_predict(
+            [str(run_dir / t.name / "model.ckpt") for t in chosen], [folder], run_dir / "predictions"
+        )
+    except FerlabError as e:  # the trained models stay; only this last step is missing
+        warn(f"no predictions on new images: {e}")
+        return
+    say(
+        f"ferlab: predicted {len(rows)} new images with {', '.join(t.name for t in chosen)} "
+        f"({run_dir / 'predictions' / 'prediction_results.csv'})"
+    )
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
@@ -196,11 +218,16 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     for m in models:
         if m not in REGISTRY:
             raise FerlabError(f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
+    if cfg.predict_dir:  # a typo here should not surface only after the training
+        from ferlab.predict import expand_inputs
+
+        expand_inputs([cfg.predict_dir])
     data = open_data(cfg)
     nets: dict[str, Net] = {}
     left_out: list[dict] = []
     for name in models:  # weights are fetched before any run folder exists: a failed start leaves nothing
         try:
+            torch.manual_seed(cfg.train.seed)  # initial weights are part of what one seed reproduces
             nets[name] = create_model(name, len(data.classes), data.pre.image_size, cfg.train.weights)
         except FerlabError as e:
             if len(models) == 1 or not REGISTRY[name].transfer:
@@ -213,6 +240,8 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     done = [train_and_test(name, net, data, cfg, run_dir) for name, net in nets.items()]
     rows = [t.row for t in done]
     write_csv(run_dir / "test_accuracy_comparison.csv", rows, COMPARISON_COLUMNS)
+    if cfg.predict_dir and done:
+        predict_new_images(cfg.predict_dir, done, run_dir)
     for t in done:
         write_csv(
             run_dir / f"{REGISTRY[t.name].study_label}_accuracy.csv",
@@ -226,6 +255,10 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
     write_text(run_dir / "run.json", json.dumps(summary, indent=1))
+    if done:
+        from ferlab.report import build_report
+
+        build_report(run_dir)
     print(format_table(rows, COMPARISON_COLUMNS))
-    say(f"ferlab: run folder {run_dir} ({summary['wall_seconds']:.0f} s)")
+    say(f"ferlab: run folder {run_dir} ({time.perf_counter() - t0:.0f} s)")
     return run_dir
