@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 
 import pytest
@@ -159,3 +160,18 @@ def test_fine_tuning_unfreezes_only_the_last_block(tiny_data):
     changed = {k.split(".")[0] for k, v in net.body.state_dict().items() if not torch.equal(v, before[k])}
     # block 5 is features 24..30; stage 2's best weights may be stage 1's, so allow "nothing changed" too
     assert changed <= {"24", "26", "28"}
+
+
+def test_backbone_size_travels_in_the_checkpoint(tmp_path):
+    from ferlab.checkpoint import load_checkpoint, save_checkpoint
+    from ferlab.data import Preprocess
+    from ferlab.summary import summarize
+
+    torch.manual_seed(0)
+    net = create_model("mobilenetv2-transfer", 3, 32, weights="none", backbone_size=64).eval()
+    assert re.search(r"normalize\s+Normalize\s+\(None, 3, 64, 64\)", summarize(net, 32))
+    save_checkpoint(tmp_path / "m.ckpt", net, "mobilenetv2-transfer", ["a", "b", "c"], Preprocess(image_size=32))
+    again, card = load_checkpoint(tmp_path / "m.ckpt")
+    assert card["model_args"]["backbone_size"] == 64
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(again(x), net(x))

@@ -72,6 +72,11 @@ class TrainConfig:
         choices=("auto", "on", "off"),
     )
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
+    backbone_size: int | None = opt(
+        None,
+        "transfer models resize the image to SIZE x SIZE for their backbone "
+        "(ImageNet features are better at 160-224 than at 100; slower)",
+    )
     fine_tune: bool = opt(True, "transfer models: stage 2 unfreezes the last conv block(s)")
     fine_tune_lr: float = opt(1e-4, "learning rate of fine-tuning stage 2")
     fine_tune_blocks: int = opt(1, "how many of the backbone's last blocks stage 2 unfreezes")

@@ -260,7 +260,7 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
         raise FerlabError(f"--split needs three non-negative train/val/test fractions, got {cfg.split}.")
     if cfg.image_size < 8:
         raise FerlabError(f"--image-size must be at least 8 pixels, got {cfg.image_size}.")
-    root = Path(cfg.data).expanduser().absolute()
+    root = Path(os.path.abspath(Path(cfg.data).expanduser()))
     if not root.is_dir():
         raise FerlabError(f"The data folder {root} does not exist; pass a folder of class sub-folders.")
     pattern = None
@@ -278,7 +278,7 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
     else:
         given["train"] = scan(root, cfg.drop_classes, "data")
     if cfg.test_dir:
-        given["test"] = scan(Path(cfg.test_dir).expanduser().absolute(), cfg.drop_classes, "test")
+        given["test"] = scan(Path(os.path.abspath(Path(cfg.test_dir).expanduser())), cfg.drop_classes, "test")
 
     classes = sorted({r.cls for r in given["train"]})
     if len(classes) < 2:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, out: Path) -
     """Metrics of a saved model on a folder-per-class tree, written into ``out``."""
     net, card = load_checkpoint(checkpoint)
     classes = card["classes"]
-    records = scan(Path(folder).expanduser().absolute(), [], "evaluation")
+    records = scan(Path(os.path.abspath(Path(folder).expanduser())), [], "evaluation")
     unknown = sorted({r.cls for r in records} - set(classes))
     if unknown:
         raise FerlabError(

@@ -27,11 +27,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
-    """uint8 [0, 255] (or float [0, 1]) RGB to ``(x / 255 - mean) / std``: the model owns its scaling."""
+    """uint8 [0, 255] (or float [0, 1]) RGB to ``(x / 255 - mean) / std``: the model owns its scaling.
 
-    def __init__(self, mean: tuple[float, ...] = (0.0, 0.0, 0.0), std: tuple[float, ...] = (1.0, 1.0, 1.0)):
+    With ``size``, the image is first resized (bilinear) to ``size`` x ``size``: a pretrained backbone can run
+    at a larger input than the data pipeline's, and a checkpoint still rebuilds exactly what it saw.
+    """
+
+    def __init__(
+        self,
+        mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+        std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        size: int | None = None,
+    ):
         super().__init__()
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.size = tuple(mean), tuple(std), size
         # folded into one multiply-add; not persistent, so state dicts hold only learned weights
         self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer(
@@ -43,10 +52,12 @@ class Normalize(nn.Module):
             x = x.float()
         else:  # float input in [0, 1]
             x = x * 255
+        if self.size and x.shape[-2:] != (self.size, self.size):
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return torch.addcmul(self.shift, x, self.scale)
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean}, std={self.std}"
+        return f"mean={self.mean}, std={self.std}" + (f", size={self.size}" if self.size else "")
 
 
 class Body(nn.Sequential):
@@ -102,15 +113,26 @@ def register(name: str, about: str, transfer: bool = False, study_label: str = "
     return deco
 
 
-def create_model(name: str, num_classes: int, image_size: int = 100, weights: str | None = "none") -> Net:
-    """Build a registered model. ``weights`` (transfer models): ``imagenet``, ``none`` or a state-dict path."""
+def create_model(
+    name: str, num_classes: int, image_size: int = 100, weights: str | None = "none", backbone_size: int | None = None
+) -> Net:
+    """Build a registered model.
+
+    Args:
+        weights: transfer models' backbone: ``imagenet``, ``none`` or a torchvision state-dict path.
+        backbone_size: transfer models resize their input to this side before the backbone (None: as given).
+    """
     if name not in REGISTRY:
         raise FerlabError(f"Unknown model '{name}'; choose one of: {', '.join(REGISTRY)}.")
     if num_classes < 2:
         raise FerlabError(f"A classifier needs at least 2 classes, got {num_classes}.")
     spec = REGISTRY[name]
     if spec.transfer:
-        return spec.build(num_classes, image_size, weights or "none")
+        if backbone_size is not None and backbone_size < 32:
+            raise FerlabError(f"--backbone-size must be at least 32 pixels, got {backbone_size}.")
+        net = spec.build(num_classes, image_size, weights or "none")
+        net.normalize.size = backbone_size if backbone_size != image_size else None
+        return net
     return spec.build(num_classes, image_size)
 
 

@@ -228,7 +228,9 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     for name in models:  # weights are fetched before any run folder exists: a failed start leaves nothing
         try:
             torch.manual_seed(cfg.train.seed)  # initial weights are part of what one seed reproduces
-            nets[name] = create_model(name, len(data.classes), data.pre.image_size, cfg.train.weights)
+            nets[name] = create_model(
+                name, len(data.classes), data.pre.image_size, cfg.train.weights, cfg.train.backbone_size
+            )
         except FerlabError as e:
             if len(models) == 1 or not REGISTRY[name].transfer:
                 raise

@@ -1,0 +1,257 @@
+"""ferlab speed benchmark: per model and for the whole study, optionally beside the Keras yardstick.
+
+usage:
+    python benchmarks/bench.py SPLIT_DIR [--models ...] [--epochs 3] [--json out.json]
+                               [--keras-python /path/to/venv/bin/python] [--full-run]
+
+SPLIT_DIR is a train/val/test folder-per-class tree, such as the reference CK+48 split made by
+``python ../shared/peers/make_split.py ../shared/datasets/ckplus48 /tmp/ckref --seed 0``.
+
+Per model it measures, each in a fresh process so peak memory is the model's own: the median seconds of a
+training epoch (and training images/s), the one-time frozen-feature extraction of transfer models, the
+latency of predicting one image and the throughput of 256-image batches, the training FLOP/s achieved
+against this machine's measured matmul FLOP/s (fp32 and bf16), and peak resident memory. With
+``--keras-python`` it runs ../shared/peers/keras_study.py on the same split in that interpreter and prints
+ferlab/Keras ratios; with ``--full-run`` it times the whole ``ferlab run`` (three models, tables, report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+KERAS_STUDY = HERE.parent.parent / "shared" / "peers" / "keras_study.py"
+VGG_WEIGHTS = HERE.parent.parent / "shared" / "weights" / "vgg16_imagenet_features.pth"
+KERAS_NAMES = {"baseline-cnn": "m1", "regularized-cnn": "m2", "vgg16-transfer": "vgg"}
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def train_flops_per_image(net: torch.nn.Module, trainable_only: bool, size: int) -> float:
+    """Forward + backward FLOPs of one training image, counted by PyTorch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = net(x)
+        out.sum().backward()
+    return counter.get_total_flops() / 8
+
+
+def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
+    """Runs inside a child process: everything measured for one model."""
+    from ferlab.config import DataConfig, TrainConfig
+    from ferlab.data import load_data
+    from ferlab.models import REGISTRY, create_model
+    from ferlab.train import fit_model, run_batches
+
+    data = load_data(DataConfig(data=split))
+    weights = str(VGG_WEIGHTS) if REGISTRY[name].transfer else "none"
+    torch.manual_seed(0)
+    net = create_model(name, len(data.classes), data.pre.image_size, weights)
+    cfg = TrainConfig(max_epochs=epochs, patience=10**6, progress=False, fine_tune=False, precision=precision)
+    t = time.perf_counter()
+    fit = fit_model(name, net, data, cfg)
+    total = time.perf_counter() - t
+    secs = [e["seconds"] for e in fit.epochs]
+    epoch_s = statistics.median(secs)
+    out = {
+        "model": name,
+        "epochs_timed": len(secs),
+        "epoch_s_median": epoch_s,
+        "train_images_per_s": len(data.splits["train"]) / epoch_s,
+        "fit_s": total,
+        "setup_s": total - sum(secs),
+    }  # for transfer models: mostly the one-time frozen-feature pass
+    if REGISTRY[name].transfer:  # the same stage without the cache, for the speed-up
+        torch.manual_seed(0)
+        slow = create_model(name, len(data.classes), data.pre.image_size, weights)
+        nocache = fit_model(
+            name,
+            slow,
+            data,
+            TrainConfig(
+                max_epochs=2, patience=10**6, progress=False, fine_tune=False, feature_cache=False, precision=precision
+            ),
+        )
+        out["epoch_s_without_feature_cache"] = statistics.median(e["seconds"] for e in nocache.epochs)
+    net.eval()
+    one = data.splits["test"].images[:1]
+    lat = []
+    for _ in range(21):
+        t = time.perf_counter()
+        run_batches(net, one)
+        lat.append(time.perf_counter() - t)
+    out["latency_1_image_ms"] = 1000 * statistics.median(lat[1:])
+    batch = data.splits["test"].images.repeat(3, 1, 1, 1)[:256]
+    run_batches(net, batch)
+    t = time.perf_counter()
+    run_batches(net, batch)
+    out["throughput_batch256_images_per_s"] = 256 / (time.perf_counter() - t)
+    frozen, trainable = net.split_at(0 if REGISTRY[name].transfer else None)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    per_image = train_flops_per_image(net, REGISTRY[name].transfer, data.pre.image_size)
+    out["train_gflop_per_image"] = per_image / 1e9
+    out["achieved_train_gflops"] = per_image * out["train_images_per_s"] / 1e9 if not REGISTRY[name].transfer else None
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    return "\n".join(
+        ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+        + ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("split")
+    ap.add_argument("--models", nargs="+", default=["baseline-cnn", "regularized-cnn", "vgg16-transfer"])
+    ap.add_argument("--epochs", type=int, default=3, help="timed training epochs per model")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--keras-python", help="python of a venv with tensorflow-cpu (see keras_study.py)")
+    ap.add_argument("--keras-epochs", type=int, default=3)
+    ap.add_argument("--full-run", action="store_true", help="also time the whole `ferlab run` on the split")
+    ap.add_argument("--json", default="benchmark.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one_model(a.one, a.split, a.epochs, a.precision)))
+        return
+
+    env = {
+        "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmul_gflops_fp32": matmul_flops(torch.float32) / 1e9,
+        "matmul_gflops_bf16": matmul_flops(torch.bfloat16) / 1e9,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(
+        f"matmul 2048^3: fp32 {env['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {env['matmul_gflops_bf16']:.0f} "
+        f"GFLOP/s ({env['threads']} threads)",
+        flush=True,
+    )
+    rows = []
+    for name in a.models:
+        r = subprocess.run(
+            [sys.executable, __file__, a.split, "--one", name, "--epochs", str(a.epochs), "--precision", a.precision],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode:
+            sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        if row["achieved_train_gflops"] is not None:
+            row["fp32_peak_share"] = row["achieved_train_gflops"] / env["matmul_gflops_fp32"]
+        rows.append(row)
+        print(f"{name}: {row['epoch_s_median']:.2f} s/epoch", flush=True)
+
+    keras = {}
+    if a.keras_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "keras.json"
+            cmd = [
+                a.keras_python,
+                str(KERAS_STUDY),
+                a.split,
+                str(out),
+                "--max-epochs",
+                str(a.keras_epochs),
+                "--models",
+                *[KERAS_NAMES[m] for m in a.models if m in KERAS_NAMES],
+            ]
+            if VGG_WEIGHTS.is_file():
+                cmd += ["--vgg-weights", str(VGG_WEIGHTS)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"keras_study.py failed:\n{r.stderr[-3000:]}")
+            keras = json.loads(out.read_text())
+        for row in rows:
+            k = keras.get(KERAS_NAMES.get(row["model"], ""))
+            if k:
+                row["keras_epoch_s"] = k["epoch_s_median"]
+                row["ratio_ferlab_over_keras"] = row["epoch_s_median"] / k["epoch_s_median"]
+
+    full = None
+    if a.full_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ferlab",
+                    "run",
+                    a.split,
+                    "--out",
+                    tmp,
+                    "--no-progress",
+                    "--weights",
+                    str(VGG_WEIGHTS),
+                    "--predict-dir",
+                    str(Path(a.split) / "test"),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            full = {"seconds": time.perf_counter() - t, "returncode": r.returncode, "table": r.stdout.strip()}
+            if r.returncode:
+                print(r.stderr[-3000:], file=sys.stderr)
+
+    cols = [
+        "model",
+        "epoch_s_median",
+        "keras_epoch_s",
+        "ratio_ferlab_over_keras",
+        "train_images_per_s",
+        "setup_s",
+        "epoch_s_without_feature_cache",
+        "latency_1_image_ms",
+        "throughput_batch256_images_per_s",
+        "train_gflop_per_image",
+        "achieved_train_gflops",
+        "fp32_peak_share",
+        "peak_rss_mb",
+    ]
+    print()
+    print(table(rows, cols))
+    if full:
+        print(f"\nferlab run (three models, tables, predictions, report): {full['seconds']:.0f} s")
+        print(full["table"])
+    Path(a.json).write_text(json.dumps({"env": env, "models": rows, "keras": keras, "full_run": full}, indent=1))
+    print(f"\nwrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
