@@ -228,9 +228,21 @@ def _load_backbone(features: nn.Module, weights: str, arch: str, enum: torchvisi
     features.load_state_dict(sub)
 
 
-def _freeze(module: nn.Module) -> None:
-    for p in module.parameters():
+def _transfer_net(
+    features: nn.Sequential,
+    blocks: list[int],
+    channels: int,
+    num_classes: int,
+    weights: str,
+    arch: str,
+    enum: torchvision.models.WeightsEnum,
+) -> Net:
+    """A torchvision backbone (ImageNet normalization, frozen for stage 1) under the GAP + dense head."""
+    _load_backbone(features, weights, arch, enum)
+    for p in features.parameters():
         p.requires_grad_(False)
+    body = Body(list(features), blocks=blocks)
+    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(channels, num_classes))
 
 
 @register(
@@ -241,11 +253,11 @@ def _freeze(module: nn.Module) -> None:
 )
 def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.vgg16(weights=None).features
-    _load_backbone(features, weights, "VGG16", torchvision.models.VGG16_Weights.IMAGENET1K_V1)
-    _freeze(features)  # stage 1 trains the head alone
     starts = [0] + [i + 1 for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
-    body = Body(list(features), blocks=starts)  # 5 blocks of convs, each ending in a max-pool
-    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(512, num_classes))
+    # 5 blocks of convs, each ending in a max-pool
+    return _transfer_net(
+        features, starts, 512, num_classes, weights, "VGG16", torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    )
 
 
 @register(
@@ -256,10 +268,16 @@ def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
 )
 def mobilenetv2_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.mobilenet_v2(weights=None).features
-    _load_backbone(features, weights, "MobileNetV2", torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
-    _freeze(features)
-    body = Body(list(features), blocks=[0, 2, 4, 7, 11, 14, 17])  # torchvision's resolution stages
-    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(1280, num_classes))
+    # blocks: torchvision's resolution stages
+    return _transfer_net(
+        features,
+        [0, 2, 4, 7, 11, 14, 17],
+        1280,
+        num_classes,
+        weights,
+        "MobileNetV2",
+        torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
+    )
 
 
 STUDY = ("baseline-cnn", "regularized-cnn", "vgg16-transfer")
