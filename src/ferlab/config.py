@@ -67,9 +67,10 @@ class TrainConfig:
         choices=("auto", "32", "bf16-mixed", "16-mixed"),
     )
     augment: str = opt(
-        "auto",
-        "face augmentation (flip, small affine, brightness/contrast): auto (transfer models only), on or off",
-        choices=("auto", "on", "off"),
+        "off",
+        "face augmentation (flip, small affine, brightness/contrast) on training batches: off, on (every "
+        "stage of every model) or fine-tune (stage 2 of transfer models; the frozen part then runs every step)",
+        choices=("off", "on", "fine-tune"),
     )
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
     backbone_size: int | None = opt(

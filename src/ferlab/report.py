@@ -41,6 +41,7 @@ SECTIONS = (
     "Predictions on new images",
 )
 ALPHA = 0.05
+PRECISION = {"32": "fp32", "bf16-mixed": "bf16 mixed precision", "16-mixed": "fp16 mixed precision"}
 
 
 def mcnemar_exact(a_right: list[bool], b_right: list[bool]) -> tuple[int, int, float]:
@@ -318,8 +319,12 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     )
     manifest = read_csv(run / "manifest.csv")
     samples = []
-    for c in classes:
-        samples += [(r["file"], [(c, (0, 0, 0))]) for r in [r for r in manifest if r["class"] == c][:8]]
+    for c in classes:  # one image per group where groups exist: CK+ sequences are near-identical frames
+        seen: dict[str, dict] = {}
+        for r in manifest:
+            if r["class"] == c and r["split"] == "train":
+                seen.setdefault(r["group"], r)
+        samples += [(r["file"], [(c, (0, 0, 0))]) for r in list(seen.values())[:8]]
     thumbnails(samples, pre, files / "samples.png", cols=8)
     doc.img(
         files / "samples.png",
@@ -343,7 +348,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         doc.h3(n)
         secs = info.get("fit_seconds", {}).get(n, m[n].get("fit_seconds"))
         doc.p(
-            f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({m[n].get('precision', '32')} precision); "
+            f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({PRECISION.get(m[n].get('precision', '32'), m[n].get('precision'))}); "
             f"early stopping chose epoch {r['best_epoch']} (validation accuracy {pct(float(r['val_acc']))})."
         )
         doc.pre((run / n / "summary.txt").read_text().rstrip())

@@ -217,7 +217,7 @@ def _stages(name: str, cfg: TrainConfig) -> list[tuple[int | None, float, bool]]
         return [(None, cfg.lr, aug)]
     stages = [(0, cfg.lr, aug)]
     if cfg.fine_tune and cfg.fine_tune_blocks > 0:
-        stages.append((cfg.fine_tune_blocks, cfg.fine_tune_lr, cfg.augment in ("on", "auto")))
+        stages.append((cfg.fine_tune_blocks, cfg.fine_tune_lr, cfg.augment in ("on", "fine-tune")))
     return stages
 
 
