@@ -347,8 +347,9 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     for n, r in zip(models, comparison):
         doc.h3(n)
         secs = info.get("fit_seconds", {}).get(n, m[n].get("fit_seconds"))
+        precision = PRECISION.get(m[n].get("precision", "32"), m[n].get("precision"))
         doc.p(
-            f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({PRECISION.get(m[n].get('precision', '32'), m[n].get('precision'))}); "
+            f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({precision}); "
             f"early stopping chose epoch {r['best_epoch']} (validation accuracy {pct(float(r['val_acc']))})."
         )
         doc.pre((run / n / "summary.txt").read_text().rstrip())
