@@ -120,6 +120,30 @@ def test_predicting_the_test_split_reproduces_evaluate_exactly(study, tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_takes_correct_classes_from_a_labels_file(study, tmp_path):
+    _, test, (run, _) = study
+    files = sorted((test / "circle").iterdir())[:2]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(files):  # a flat folder: no class in the path, so the labels file must tell
+        (flat / f"img{i}.png").write_bytes(f.read_bytes())
+    (tmp_path / "labels.csv").write_text("filename,label\nimg0.png,circle\nimg1.png,square\n")
+    r = run_cli(
+        "predict",
+        "--checkpoint",
+        str(run / "regularized-cnn" / "model.ckpt"),
+        str(flat),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--out",
+        str(tmp_path / "p"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_csv(tmp_path / "p" / "prediction_results.csv")
+    assert [row["correct_class"] for row in rows] == ["circle", "square"]
+
+
+@pytest.mark.slow
 def test_train_one_model_into_its_own_folder(tmp_path):
     data = make_tree(tmp_path / "d", per_class=12)
     r = run_cli("train", str(data), "--model", "regularized-cnn", "--out", str(tmp_path / "o"), *FAST)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise")
 PER_CLASS = 185  # 1,110 images: about the size of the original study's data
-VERSION = 1
+VERSION = 2
 DESCRIPTION = "built-in SYNTHETIC demo faces (generated cartoons, not real people)"
 
 # brow tilt (+: inner ends raised), brow height, eye opening, mouth curve (+: smile), mouth opening,
@@ -34,7 +34,7 @@ _SHAPES = {
     "sad": (0.9, 0.0, 0.75, -0.9, 0.0, 0.9, 0.0),
     "surprise": (0.1, 1.0, 1.4, 0.0, 1.0, 0.75, 0.0),
 }
-_NOISE = (0.45, 0.4, 0.22, 0.4, 0.25, 0.15, 0.35)
+_NOISE = (0.35, 0.3, 0.18, 0.3, 0.2, 0.12, 0.3)
 _SKIN = np.array(
     [(255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 56, 32)], float
 )
@@ -54,7 +54,7 @@ def _face(rng: np.random.Generator, emotion: str, size: int) -> Image.Image:
     ) * np.array(_NOISE)
     eye, mouth_w = max(eye, 0.25), max(mouth_w, 0.5)
 
-    c0, c1 = rng.uniform(0, 255, (2, 3))
+    c0, c1 = rng.uniform(30, 225, (2, 3))
     ramp = np.linspace(0, 1, s)[:, None, None]
     bg = c0 * (1 - ramp) + c1 * ramp
     img = Image.fromarray(np.broadcast_to(bg, (s, s, 3)).astype(np.uint8))
@@ -72,14 +72,14 @@ def _face(rng: np.random.Generator, emotion: str, size: int) -> Image.Image:
     d.ellipse([cx - 60 * k, cy - 75 * k, cx + 60 * k, cy + 80 * k], fill=skin)
     for side in (-1, 1):
         ex, ey = cx + side * 24 * k, cy - 14 * k
-        ew, eh = 13 * k, 7 * k * eye
+        ew, eh = 15 * k, 8 * k * eye
         d.ellipse([ex - ew, ey - eh, ex + ew, ey + eh], fill=(245, 245, 245))
         pr = min(5 * k, eh)
         d.ellipse([ex - pr, ey - pr, ex + pr, ey + pr], fill=(30, 20, 15))
         by = cy - 32 * k - brow_h * 7 * k
         inner = (cx + side * 9 * k, by - tilt * 6 * k)
         outer = (cx + side * 38 * k, by + tilt * 6 * k)
-        d.line([inner, outer], fill=hair if sum(hair) < 300 else dark, width=max(2, int(5 * k)))
+        d.line([inner, outer], fill=hair if sum(hair) < 300 else dark, width=max(3, int(8 * k)))
     d.line(
         [(cx, cy - 5 * k), (cx - 6 * k, cy + 18 * k), (cx + 4 * k, cy + 20 * k)], fill=dark, width=max(1, int(2 * k))
     )
@@ -92,23 +92,23 @@ def _face(rng: np.random.Generator, emotion: str, size: int) -> Image.Image:
                 fill=dark,
                 width=max(1, int(2 * k)),
             )
-    mw, my = 26 * k * mouth_w, cy + 42 * k
+    mw, my = 30 * k * mouth_w, cy + 42 * k
     xs = np.linspace(-1, 1, 25)
     top = [(cx + x * mw, my + curve * 10 * k * (1 - x * x) - curve * 4 * k) for x in xs]  # y grows down
     if mouth_open > 0.25:
         bottom = [(cx + x * mw, y + mouth_open * 16 * k * (1 - x * x)) for (_, y), x in zip(top, xs)]
         d.polygon(top + bottom[::-1], fill=(70, 20, 25), outline=dark)
     else:
-        d.line(top, fill=(150, 50, 60), width=max(2, int(4 * k)))
+        d.line(top, fill=(150, 50, 60), width=max(3, int(7 * k)))
 
     layer = layer.rotate(
-        rng.uniform(-18, 18), resample=Image.Resampling.BILINEAR, translate=tuple(rng.uniform(-0.1, 0.1, 2) * s)
+        rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, translate=tuple(rng.uniform(-0.07, 0.07, 2) * s)
     )
     img.paste(layer, (0, 0), layer)
     a = np.asarray(img, float)
-    light = np.linspace(*rng.uniform(0.55, 1.25, 2), s)  # light from one side
+    light = np.linspace(*rng.uniform(0.65, 1.2, 2), s)  # light from one side
     a = a * (light[None, :, None] if rng.uniform() < 0.5 else light[:, None, None])
-    a = a + rng.normal(0, rng.uniform(2, 14), a.shape)
+    a = a + rng.normal(0, rng.uniform(2, 9), a.shape)
     img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
     return img.resize((size, size), Image.Resampling.LANCZOS)
