@@ -49,6 +49,10 @@ class BadImage(Exception):
     """A file that cannot be used; its message is the reason listed in skipped_files.csv."""
 
 
+class NoFace(BadImage):
+    """A readable image in which the face-crop policy ``on`` found no face."""
+
+
 @dataclass
 class Decoded:
     image: np.ndarray  # H x W x 3 uint8, cropped and resized
@@ -111,7 +115,7 @@ def decode(path: str | Path, pre: Preprocess, all_faces: bool = False) -> list[D
         if found:
             boxes = list(found) if all_faces else found[:1]
         elif pre.face_crop == "on":
-            raise BadImage("no face found (--face-crop on)")
+            raise NoFace("no face found (--face-crop on)")
     out = []
     for box in boxes:
         crop = im

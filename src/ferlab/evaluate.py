@@ -62,7 +62,7 @@ def metrics(preds: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> di
 
 
 def plot_confusion(conf: list[list[int]], classes: list[str], title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 2.5, 1.0 * len(classes) + 2))
+    fig, ax = plt.subplots(figsize=(0.7 * len(classes) + 2.4, 0.6 * len(classes) + 2))
     t = torch.tensor(conf, dtype=torch.float)
     rates = t / t.sum(1, keepdim=True).clamp(min=1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)

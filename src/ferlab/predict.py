@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ferlab.checkpoint import load_checkpoint
-from ferlab.data import IMAGE_SUFFIXES, BadImage, Preprocess, decode, open_rgb, to_tensor, write_csv
+from ferlab.data import IMAGE_SUFFIXES, BadImage, NoFace, Preprocess, decode, open_rgb, to_tensor, write_csv
 from ferlab.errors import FerlabError
 from ferlab.train import run_batches
 
@@ -108,13 +108,7 @@ def predict(
     classes = models[0].card["classes"]
     skipped: list[dict] = []
     rows: dict[tuple[Path, int], Row] = {}
-    readable = []
-    for f in files:
-        try:
-            open_rgb(f, models[0].pre.max_pixels)
-            readable.append(f)
-        except BadImage as e:
-            skipped.append({"file": str(f), "model": "", "reason": str(e)})
+    unreadable: set[Path] = set()
 
     def truth(f: Path) -> str:
         if labels is not None:
@@ -123,12 +117,18 @@ def predict(
 
     for m in models:
         decoded, keys = [], []
-        for f in readable:
+        for f in files:
+            if f in unreadable:
+                continue
             try:
                 faces_of_f = decode(f, m.pre, all_faces=all_faces)
-            except BadImage as e:  # e.g. no face for a model trained with --face-crop on
+            except NoFace as e:  # readable, but this model was trained with --face-crop on
                 skipped.append({"file": str(f), "model": m.label, "reason": str(e)})
                 rows.setdefault((f, 0), Row(f, 0, None, truth(f))).notes[m.label] = str(e)
+                continue
+            except BadImage as e:  # unusable for every model: listed once
+                unreadable.add(f)
+                skipped.append({"file": str(f), "model": "", "reason": str(e)})
                 continue
             for i, d in enumerate(faces_of_f):
                 key = (f, i)
