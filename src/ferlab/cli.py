@@ -75,6 +75,9 @@ def _config(args: argparse.Namespace) -> StudyConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from ferlab.train import keep_freed_memory
+
+    keep_freed_memory()
     try:
         return _dispatch(args, argv)
     except FerlabError as e:
