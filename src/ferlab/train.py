@@ -89,7 +89,8 @@ class Augment(nn.Module):
 
 
 class Classifier(L.LightningModule):
-    """``frozen`` (no gradients, eval mode) then ``trainable``; one shared step for train/val/test."""
+    """``frozen`` (no gradients, eval mode) then ``trainable``; one shared step for train and val
+    (the test split is predicted once, outside the Trainer, on the restored best weights)."""
 
     def __init__(
         self,
@@ -98,22 +99,18 @@ class Classifier(L.LightningModule):
         num_classes: int,
         lr: float,
         augment: nn.Module | None = None,
-        channels_last: bool = False,
     ):
         super().__init__()
         self.frozen, self.trainable, self.augment, self.lr = frozen, trainable, augment, lr
-        self.channels_last = channels_last
         # ModuleDict keys must not shadow nn.Module attributes such as .train
         self.acc = nn.ModuleDict(
             {
                 f"{s}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
-                for s in ("train", "val", "test")
+                for s in ("train", "val")
             }
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             x = self.frozen(x)
         return self.trainable(x)
