@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = opt(0, "seed for the split, initialisation, shuffling and augmentation")
     precision: str = opt(
         "auto",
-        "32, bf16-mixed, 16-mixed or auto (bf16 on CPUs with native bf16, 16-mixed on CUDA)",
+        "32, bf16-mixed, 16-mixed or auto (fp32 on CPU, where bf16 measured slower; mixed precision on CUDA)",
         choices=("auto", "32", "bf16-mixed", "16-mixed"),
     )
     augment: str = opt(
