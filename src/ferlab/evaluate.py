@@ -25,6 +25,7 @@ from torchmetrics.functional.classification import (  # noqa: E402
 )
 
 from ferlab.data import write_csv  # noqa: E402
+from ferlab.train import run_batches  # noqa: E402
 
 
 def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -114,3 +115,30 @@ def write_metrics(m: dict, classes: list[str], out: Path, title: str) -> None:
         f"{title}: test accuracy {m['accuracy']:.3f} (n={m['n']})",
         out / "confusion_matrix.png",
     )
+
+
+def score_and_record(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    files: list[str],
+    classes: list[str],
+    out: Path,
+    title: str,
+    **facts: object,
+) -> dict:
+    """Predict ``images`` once and write metrics.json (with ``facts``), per-class and confusion files and
+    predictions.csv into ``out``; the one path for a run's test split and for ``ferlab evaluate``."""
+    conf, preds = run_batches(net, images).softmax(1).max(1)
+    m = metrics(preds, labels, classes)
+    m.update(facts)
+    write_metrics(m, classes, out, title)
+    write_csv(
+        out / "predictions.csv",
+        [
+            {"file": f, "true": classes[t], "predicted": classes[p], "confidence": round(float(c), 6)}
+            for f, t, p, c in zip(files, labels.tolist(), preds.tolist(), conf)
+        ],
+        ["file", "true", "predicted", "confidence"],
+    )
+    return m

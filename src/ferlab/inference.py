@@ -14,8 +14,7 @@ import torch
 from ferlab.checkpoint import load_checkpoint
 from ferlab.data import decode_many, scan, to_tensor, write_csv
 from ferlab.errors import FerlabError
-from ferlab.evaluate import metrics, write_metrics
-from ferlab.train import run_batches
+from ferlab.evaluate import score_and_record
 
 
 def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, out: Path) -> dict:
@@ -35,19 +34,19 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, out: Path) -
         raise FerlabError(f"None of the {len(records)} files in {folder} could be read as images.")
     x = to_tensor([d.image for _, d in keep], card["preprocess"]["image_size"])
     y = torch.tensor([classes.index(r.cls) for r, _ in keep])
-    probs = run_batches(net, x).softmax(1)
-    conf, preds = probs.max(1)
-    m = metrics(preds, y, classes)
-    m.update(model=card["model"], checkpoint=str(checkpoint), data=str(folder), skipped_files=len(skipped))
     out.mkdir(parents=True, exist_ok=True)
-    write_metrics(m, classes, out, card["model"])
-    write_csv(out / "skipped_files.csv", skipped, ["file", "reason"])
-    write_csv(
-        out / "predictions.csv",
-        [
-            {"file": r.file, "true": r.cls, "predicted": classes[p], "confidence": round(float(c), 6)}
-            for (r, _), p, c in zip(keep, preds.tolist(), conf)
-        ],
-        ["file", "true", "predicted", "confidence"],
+    m = score_and_record(
+        net,
+        x,
+        y,
+        [r.file for r, _ in keep],
+        classes,
+        out,
+        card["model"],
+        model=card["model"],
+        checkpoint=str(checkpoint),
+        data=str(folder),
+        skipped_files=len(skipped),
     )
+    write_csv(out / "skipped_files.csv", skipped, ["file", "reason"])
     return m

@@ -29,10 +29,10 @@ from ferlab.checkpoint import save_checkpoint
 from ferlab.config import StudyConfig, to_dict
 from ferlab.data import Data, load_data, write_csv, write_manifest
 from ferlab.errors import FerlabError
-from ferlab.evaluate import metrics, write_metrics
+from ferlab.evaluate import score_and_record
 from ferlab.models import REGISTRY, STUDY, Net, create_model
 from ferlab.summary import param_counts, summarize
-from ferlab.train import FitResult, fit_model, run_batches
+from ferlab.train import FitResult, fit_model
 
 COMPARISON_COLUMNS = [
     "model",
@@ -129,10 +129,14 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: P
     write_csv(out / "epochs.csv", fit.epochs, EPOCH_COLUMNS)
 
     test = data.splits["test"]
-    probs = run_batches(net, test.images).softmax(1)
-    conf, preds = probs.max(1)
-    m = metrics(preds, test.labels, data.classes)
-    m.update(
+    m = score_and_record(
+        net,
+        test.images,
+        test.labels,
+        test.files,
+        data.classes,
+        out,
+        name,
         model=name,
         best_epoch=fit.best_epoch,
         epochs_run=len(fit.epochs),
@@ -140,15 +144,6 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: P
         precision=fit.precision,
         train_acc=fit.train_acc,
         val_acc=fit.best_val_acc,
-    )
-    write_metrics(m, data.classes, out, name)
-    write_csv(
-        out / "predictions.csv",
-        [
-            {"file": f, "true": data.classes[t], "predicted": data.classes[p], "confidence": round(float(c), 6)}
-            for f, t, p, c in zip(test.files, test.labels.tolist(), preds.tolist(), conf)
-        ],
-        ["file", "true", "predicted", "confidence"],
     )
     card = {
         "data": {"description": data.description, "split_method": data.split_method, "counts": data.counts()},
