@@ -88,3 +88,48 @@ def test_summary_cli_shows_trainable_split_of_transfer_model():
     assert "Non-trainable params: 14,714,688 (56.13 MB)" in r.stdout
     r = run_cli("summary", "regularized-cnn")
     assert "Total params: 4,353,862 (16.61 MB)" in r.stdout
+
+
+def test_regularized_cnn_pools_before_relu_as_the_same_function():
+    """Pool-then-ReLU in NHWC must equal the textbook ReLU-then-pool in NCHW, outputs and gradients."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = create_model("regularized-cnn", 6, 40).eval()  # eval: dropout off, so both sides are deterministic
+    ref = nn.Sequential(
+        net.body[0], nn.ReLU(), nn.MaxPool2d(2), net.body[4], nn.ReLU(), nn.MaxPool2d(2), *net.head
+    ).eval()
+    x = torch.randn(4, 3, 40, 40)
+    mine = net.head(net.body(x.contiguous(memory_format=torch.channels_last)))
+    theirs = ref(x)
+    torch.testing.assert_close(mine, theirs)
+    (g_mine,) = torch.autograd.grad(mine.square().sum(), net.body[0].weight)
+    (g_ref,) = torch.autograd.grad(theirs.square().sum(), net.body[0].weight)
+    torch.testing.assert_close(g_mine, g_ref)
+    assert net.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_keeps_the_right_share_and_scales(channels_last):
+    from ferlab.models import Dropout
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 32, 40, 40) + 1  # no zeros of its own
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    drop = Dropout(0.25).train()
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 819,200 draws: 0.005 is > 10 standard errors
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # each channel and position is dropped independently: no stripes from a mis-laid mask
+    per_channel = kept.float().mean(dim=(0, 2, 3))
+    assert per_channel.min() > 0.72 and per_channel.max() < 0.78
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y), "the mask comes from torch's seeded generator"
+    x.requires_grad_(True)
+    drop(x).sum().backward()
+    assert x.grad.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert torch.equal(drop.eval()(x), x)

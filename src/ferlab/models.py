@@ -31,6 +31,7 @@ class Normalize(nn.Module):
 
     With ``size``, the image is first resized (bilinear) to ``size`` x ``size``: a pretrained backbone can run
     at a larger input than the data pipeline's, and a checkpoint still rebuilds exactly what it saw.
+    With ``channels_last``, the output is laid out NHWC in memory, for a body whose weights are too.
     """
 
     def __init__(
@@ -38,9 +39,10 @@ class Normalize(nn.Module):
         mean: tuple[float, ...] = (0.0, 0.0, 0.0),
         std: tuple[float, ...] = (1.0, 1.0, 1.0),
         size: int | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
-        self.mean, self.std, self.size = tuple(mean), tuple(std), size
+        self.mean, self.std, self.size, self.channels_last = tuple(mean), tuple(std), size, channels_last
         # folded into one multiply-add; not persistent, so state dicts hold only learned weights
         self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer(
@@ -48,6 +50,8 @@ class Normalize(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # cheapest on the uint8 input; every op after keeps the layout
+            x = x.contiguous(memory_format=torch.channels_last)
         if x.dtype == torch.uint8:
             x = x.float()
         else:  # float input in [0, 1]
@@ -57,7 +61,34 @@ class Normalize(nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean}, std={self.std}" + (f", size={self.size}" if self.size else "")
+        return (
+            f"mean={self.mean}, std={self.std}"
+            + (f", size={self.size}" if self.size else "")
+            + (", channels_last" if self.channels_last else "")
+        )
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a mask 10x cheaper to draw on CPUs, where drawing one Bernoulli number per element
+    was a quarter of regularized-cnn's training step: each random 64-bit word gives eight bytes, and an
+    element is kept where its byte is at least ``p * 256`` (so ``p`` is rounded to a multiple of 1/256;
+    0.25 and 0.5 are exact). Other devices use PyTorch's own kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        n = x.numel()
+        # the full signed range: random_() alone never sets the top bit, which would drop every 8th element
+        # with probability 1/2 whatever p is
+        bits = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None).view(torch.uint8)[:n]
+        keep = bits >= round(self.p * 256)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            b, c, h, w = x.shape  # the mask in x's memory order: elementwise ops stay one linear pass
+            keep = keep.view(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            keep = keep.view(x.shape)
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
 
 
 class Body(nn.Sequential):
@@ -150,23 +181,25 @@ def baseline_cnn(num_classes: int, image_size: int) -> Net:
 @register("regularized-cnn", "the original Model 2: Model 1 with max-pooling and dropout", study_label="model2")
 def regularized_cnn(num_classes: int, image_size: int) -> Net:
     side = ((image_size - 2) // 2 - 2) // 2
+    # Max-pooling before ReLU is the same function as after it (both are monotonic) with the ReLU on a quarter
+    # of the values; NHWC memory makes the CPU's max-pooling and convolutions about 2x faster here.
     body = Body(
         [
             nn.Conv2d(3, 32, 3),
-            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Dropout(0.25),
+            nn.ReLU(inplace=True),
+            Dropout(0.25),
             nn.Conv2d(32, 64, 3),
-            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Dropout(0.25),
+            nn.ReLU(inplace=True),
+            Dropout(0.25),
         ],
         blocks=[0, 4],
     )
     head = nn.Sequential(
-        nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes)
+        nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), Dropout(0.5), nn.Linear(128, num_classes)
     )
-    return Net(Normalize(), body, head)
+    return Net(Normalize(channels_last=True), body, head).to(memory_format=torch.channels_last)
 
 
 def _transfer_head(channels: int, num_classes: int) -> nn.Sequential:
