@@ -73,14 +73,19 @@ class TrainConfig:
         choices=("off", "on", "fine-tune"),
     )
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
-    backbone_size: int | None = opt(
-        None,
-        "transfer models resize the image to SIZE x SIZE for their backbone "
-        "(ImageNet features are better at 160-224 than at 100; slower)",
+    backbone_size: int = opt(
+        224,
+        "transfer models resize the image to SIZE x SIZE inside the model, for their backbone (ImageNet's 224 "
+        "by default: on CK+48 its features are 21 points better than at 100, at 5x the compute); 0 keeps the "
+        "image size",
     )
-    fine_tune: bool = opt(True, "transfer models: stage 2 unfreezes the last conv block(s)")
+    fine_tune: bool = opt(True, "transfer models: stage 2 unfreezes the backbone's last layer(s)")
     fine_tune_lr: float = opt(1e-4, "learning rate of fine-tuning stage 2")
-    fine_tune_blocks: int = opt(1, "how many of the backbone's last blocks stage 2 unfreezes")
+    fine_tune_layers: int = opt(
+        1,
+        "how many of the backbone's last layers stage 2 unfreezes (VGG16: conv layers, 3 = block 5; "
+        "MobileNetV2: inverted-residual blocks)",
+    )
     feature_cache: bool = opt(
         True,
         "run a frozen, unaugmented backbone once and train on its cached features (same result, many times faster)",

@@ -5,8 +5,9 @@
     4353862
 
 A model is a :class:`Net`: ``normalize`` (uint8 RGB in, what the weights expect out), ``body`` (the
-convolutional part) and ``head``. ``body.blocks`` marks where its blocks start, which is what transfer
-fine-tuning unfreezes and what the frozen-feature cache cuts at.
+convolutional part) and ``head``. ``body.units`` marks where its fine-tunable layers start (a VGG16 conv
+layer, a MobileNetV2 inverted-residual block): what transfer fine-tuning unfreezes from the end, and where
+the frozen-feature cache cuts.
 """
 
 from __future__ import annotations
@@ -92,11 +93,11 @@ class Dropout(nn.Dropout):
 
 
 class Body(nn.Sequential):
-    """A sequential backbone that knows where its blocks start (``blocks``: indices into itself)."""
+    """A sequential backbone that knows where its fine-tunable units start (``units``: indices into itself)."""
 
-    def __init__(self, layers: list[nn.Module], blocks: list[int]):
+    def __init__(self, layers: list[nn.Module], units: list[int]):
         super().__init__(*layers)
-        self.blocks = blocks
+        self.units = units
 
 
 class Net(nn.Module):
@@ -107,21 +108,24 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.normalize(x)))
 
-    def split_at(self, trainable_blocks: int | None) -> tuple[nn.Module, nn.Module]:
-        """(frozen prefix, trainable rest) with the last ``trainable_blocks`` body blocks trainable.
+    def cut(self, trainable_units: int | None) -> int:
+        """The body index where the last ``trainable_units`` units start (None: 0, all; 0: the body's end)."""
+        if trainable_units is None:
+            return 0
+        if trainable_units == 0:
+            return len(self.body)
+        return self.body.units[max(0, len(self.body.units) - trainable_units)]
 
-        ``None`` makes everything trainable (an empty prefix); 0 freezes the whole body.
-        """
-        if trainable_blocks is None:
-            cut = 0
-        elif trainable_blocks == 0:
-            cut = len(self.body)
-        else:
-            cut = self.body.blocks[max(0, len(self.body.blocks) - trainable_blocks)]
-        layers = list(self.body)
-        prefix = nn.Sequential(self.normalize, *layers[:cut])
-        rest = nn.Sequential(*layers[cut:], self.head)
-        return prefix, rest
+    def part(self, start: int | None, stop: int | None) -> nn.Sequential:
+        """Body layers ``[start:stop]``; ``start=None`` puts ``normalize`` first, ``stop=None`` the head last."""
+        first = [self.normalize] if start is None else []
+        last = [self.head] if stop is None else []
+        return nn.Sequential(*first, *list(self.body)[start or 0 : stop], *last)
+
+    def split_at(self, trainable_units: int | None) -> tuple[nn.Sequential, nn.Sequential]:
+        """(frozen prefix, trainable rest) with the last ``trainable_units`` body units trainable."""
+        cut = self.cut(trainable_units)
+        return self.part(None, cut), self.part(cut, None)
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def create_model(
 
     Args:
         weights: transfer models' backbone: ``imagenet``, ``none`` or a torchvision state-dict path.
-        backbone_size: transfer models resize their input to this side before the backbone (None: as given).
+        backbone_size: transfer models resize their input to this side before the backbone (None or 0: as given).
     """
     if name not in REGISTRY:
         raise FerlabError(f"Unknown model '{name}'; choose one of: {', '.join(REGISTRY)}.")
@@ -159,10 +163,12 @@ def create_model(
         raise FerlabError(f"A classifier needs at least 2 classes, got {num_classes}.")
     spec = REGISTRY[name]
     if spec.transfer:
-        if backbone_size is not None and backbone_size < 32:
-            raise FerlabError(f"--backbone-size must be at least 32 pixels, got {backbone_size}.")
+        if backbone_size and backbone_size < 32:
+            raise FerlabError(
+                f"--backbone-size must be at least 32 pixels (or 0 for the image size), got {backbone_size}."
+            )
         net = spec.build(num_classes, image_size, weights or "none")
-        net.normalize.size = backbone_size if backbone_size != image_size else None
+        net.normalize.size = backbone_size if backbone_size and backbone_size != image_size else None
         return net
     return spec.build(num_classes, image_size)
 
@@ -173,7 +179,7 @@ def create_model(
 def baseline_cnn(num_classes: int, image_size: int) -> Net:
     side = image_size - 4  # two 'valid' 3x3 convolutions
     # in-place activations: one large buffer less per layer and step
-    body = Body([nn.Conv2d(3, 32, 3), nn.ReLU(inplace=True), nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True)], blocks=[0])
+    body = Body([nn.Conv2d(3, 32, 3), nn.ReLU(inplace=True), nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True)], units=[0])
     head = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes))
     return Net(Normalize(), body, head)
 
@@ -194,7 +200,7 @@ def regularized_cnn(num_classes: int, image_size: int) -> Net:
             nn.ReLU(inplace=True),
             Dropout(0.25),
         ],
-        blocks=[0, 4],
+        units=[0, 4],
     )
     head = nn.Sequential(
         nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), Dropout(0.5), nn.Linear(128, num_classes)
@@ -264,19 +270,22 @@ def _load_backbone(features: nn.Module, weights: str, arch: str, enum: torchvisi
 
 def _transfer_net(
     features: nn.Sequential,
-    blocks: list[int],
+    units: list[int],
     channels: int,
     num_classes: int,
     weights: str,
     arch: str,
     enum: torchvision.models.WeightsEnum,
+    channels_last: bool = False,
 ) -> Net:
     """A torchvision backbone (ImageNet normalization, frozen for stage 1) under the GAP + dense head."""
     _load_backbone(features, weights, arch, enum)
     for p in features.parameters():
         p.requires_grad_(False)
-    body = Body(list(features), blocks=blocks)
-    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(channels, num_classes))
+    body = Body(list(features), units=units)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, channels_last=channels_last)
+    net = Net(normalize, body, _transfer_head(channels, num_classes))
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 @register(
@@ -287,10 +296,17 @@ def _transfer_net(
 )
 def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.vgg16(weights=None).features
-    starts = [0] + [i + 1 for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
-    # 5 blocks of convs, each ending in a max-pool
+    convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]  # 13 units, the last with pool 5
+    # NHWC: the frozen pass over the data is about 1.3x faster on CPU (oneDNN's preferred layout)
     return _transfer_net(
-        features, starts, 512, num_classes, weights, "VGG16", torchvision.models.VGG16_Weights.IMAGENET1K_V1
+        features,
+        convs,
+        512,
+        num_classes,
+        weights,
+        "VGG16",
+        torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+        channels_last=True,
     )
 
 
@@ -302,10 +318,10 @@ def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
 )
 def mobilenetv2_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.mobilenet_v2(weights=None).features
-    # blocks: torchvision's resolution stages
+    # 19 units: the stem, 17 inverted-residual blocks, the final 1x1 conv
     return _transfer_net(
         features,
-        [0, 2, 4, 7, 11, 14, 17],
+        list(range(len(features))),
         1280,
         num_classes,
         weights,
