@@ -177,7 +177,7 @@ def main() -> None:
         if r.returncode:
             sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
         row = json.loads(r.stdout.strip().splitlines()[-1])
-        if row["achieved_train_gflops"] is not None:
+        if row.get("achieved_train_gflops") is not None:
             row["fp32_peak_share"] = row["achieved_train_gflops"] / env["matmul_gflops_fp32"]
         rows.append(row)
         print(f"{name}: {row['epoch_s_median']:.2f} s/epoch", flush=True)

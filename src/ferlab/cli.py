@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("model", choices=list(REGISTRY))
     sm.add_argument("--num-classes", type=int, default=6)
     sm.add_argument("--image-size", type=int, default=100)
+    sm.add_argument(
+        "--backbone-size",
+        type=int,
+        default=TrainConfig().backbone_size,
+        help="transfer models: the side their backbone sees (0: the image size)",
+    )
     return parser
 
 
@@ -95,7 +101,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         print(
             summarize(
-                create_model(args.model, args.num_classes, args.image_size, weights="none"), args.image_size, args.model
+                create_model(args.model, args.num_classes, args.image_size, "none", args.backbone_size),
+                args.image_size,
+                args.model,
             )
         )
         return 0
