@@ -3,9 +3,10 @@
     >>> result = fit_model("regularized-cnn", net, data, TrainConfig(max_epochs=3))   # doctest: +SKIP
     >>> result.epochs[-1]["val_acc"]                                                 # doctest: +SKIP
 
-A transfer model trains in two stages: the head alone on a frozen base, then (``fine_tune``) the last
-block(s) too at a lower learning rate; the best-validation weights win across both. Whatever is frozen and
-sees no augmentation is run once over the data and its features cached, so epochs only run what trains.
+A transfer model trains in two stages: the head alone on a frozen base, then (``fine_tune``) the base's last
+``fine_tune_layers`` layers too at a lower learning rate; the best-validation weights win across both.
+Whatever is frozen and sees no augmentation is run once over the data, once for both stages, and its output
+cached, so epochs only run what trains.
 """
 
 from __future__ import annotations
