@@ -128,6 +128,12 @@ class Net(nn.Module):
         return self.part(None, cut), self.part(cut, None)
 
 
+def channels_last(net: Net) -> Net:
+    """``net`` with NHWC weights and an NHWC input from ``normalize`` (oneDNN's preferred layout on CPU)."""
+    net.normalize.channels_last = True
+    return net.to(memory_format=torch.channels_last)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -205,7 +211,7 @@ def regularized_cnn(num_classes: int, image_size: int) -> Net:
     head = nn.Sequential(
         nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), Dropout(0.5), nn.Linear(128, num_classes)
     )
-    return Net(Normalize(channels_last=True), body, head).to(memory_format=torch.channels_last)
+    return channels_last(Net(Normalize(), body, head))
 
 
 def _transfer_head(channels: int, num_classes: int) -> nn.Sequential:
@@ -276,16 +282,13 @@ def _transfer_net(
     weights: str,
     arch: str,
     enum: torchvision.models.WeightsEnum,
-    channels_last: bool = False,
 ) -> Net:
     """A torchvision backbone (ImageNet normalization, frozen for stage 1) under the GAP + dense head."""
     _load_backbone(features, weights, arch, enum)
     for p in features.parameters():
         p.requires_grad_(False)
     body = Body(list(features), units=units)
-    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, channels_last=channels_last)
-    net = Net(normalize, body, _transfer_head(channels, num_classes))
-    return net.to(memory_format=torch.channels_last) if channels_last else net
+    return Net(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, _transfer_head(channels, num_classes))
 
 
 @register(
@@ -298,15 +301,10 @@ def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
     features = torchvision.models.vgg16(weights=None).features
     convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]  # 13 units, the last with pool 5
     # NHWC: the frozen pass over the data is about 1.3x faster on CPU (oneDNN's preferred layout)
-    return _transfer_net(
-        features,
-        convs,
-        512,
-        num_classes,
-        weights,
-        "VGG16",
-        torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-        channels_last=True,
+    return channels_last(
+        _transfer_net(
+            features, convs, 512, num_classes, weights, "VGG16", torchvision.models.VGG16_Weights.IMAGENET1K_V1
+        )
     )
 
 

@@ -272,8 +272,6 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
     shared = None
     if shared_cut:
         prefix = net.part(None, shared_cut)
-        for p in prefix.parameters():
-            p.requires_grad_(False)
         if _cache_fits(prefix, train.images):
             shared = {"train": run_batches(prefix, train.images), "val": run_batches(prefix, val.images)}
         else:
@@ -284,7 +282,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
             )
     for stage, (units, lr, aug) in enumerate(stages, start=1):
         cut = net.cut(units)
-        frozen, trainable = net.part(None, cut), net.part(cut, None)
+        frozen, trainable = net.split_at(units)
         for p in frozen.parameters():
             p.requires_grad_(False)
         for p in trainable.parameters():
@@ -324,7 +322,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
     result.stages = stage
     for p in net.parameters():  # back to the stage-1 state: what the summary and a rebuilt model show
         p.requires_grad_(False)
-    for p in net.part(net.cut(0 if REGISTRY[name].transfer else None), None).parameters():
+    for p in net.split_at(0 if REGISTRY[name].transfer else None)[1].parameters():
         p.requires_grad_(True)
     net.eval()
     return result
