@@ -13,6 +13,8 @@ latency of predicting one image and the throughput of 256-image batches, the tra
 against this machine's measured matmul FLOP/s (fp32 and bf16), and peak resident memory. With
 ``--keras-python`` it runs ../shared/peers/keras_study.py on the same split in that interpreter and prints
 ferlab/Keras ratios; with ``--full-run`` it times the whole ``ferlab run`` (three models, tables, report).
+Where CUDA is available everything runs there (``--precision auto``: mixed precision), matmul FLOP/s is the
+GPU's, and peak GPU memory is reported beside the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -37,13 +39,25 @@ VGG_WEIGHTS = HERE.parent.parent / "shared" / "weights" / "vgg16_imagenet_featur
 KERAS_NAMES = {"baseline-cnn": "m1", "regularized-cnn": "m2", "vgg16-transfer": "vgg"}
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if DEVICE.type == "cuda":
+        n, reps = 8192, 20
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     torch.mm(a, b)
     times = []
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times)
 
@@ -104,7 +118,7 @@ def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
             ),
         )
         out["stage1_epoch_s_without_feature_cache"] = statistics.median(e["seconds"] for e in nocache.epochs)
-    net.eval()
+    net.to(DEVICE).eval()  # inference where training ran
     one = data.splits["test"].images[:1]
     lat = []
     for _ in range(21):
@@ -118,10 +132,12 @@ def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
     run_batches(net, batch)
     out["throughput_batch256_images_per_s"] = 256 / (time.perf_counter() - t)
     if not transfer:
-        per_image = train_flops_per_image(net, data.pre.image_size)
+        per_image = train_flops_per_image(net.cpu(), data.pre.image_size)
         out["train_gflop_per_image"] = per_image / 1e9
         out["achieved_train_gflops"] = per_image * out["train_images_per_s"] / 1e9
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if DEVICE.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -155,6 +171,7 @@ def main() -> None:
 
     env = {
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -164,7 +181,7 @@ def main() -> None:
     }
     print(
         f"matmul 2048^3: fp32 {env['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {env['matmul_gflops_bf16']:.0f} "
-        f"GFLOP/s ({env['threads']} threads)",
+        f"GFLOP/s ({env['device']}, {env['threads']} CPU threads)",
         flush=True,
     )
     rows = []
@@ -249,6 +266,7 @@ def main() -> None:
         "achieved_train_gflops",
         "fp32_peak_share",
         "peak_rss_mb",
+        "peak_gpu_mb",
     ]
     print()
     print(table(rows, cols))

@@ -210,6 +210,20 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32"
 
 
+def _device(accelerator: str) -> torch.device:
+    """Where the Trainer will put this process's model: its CUDA device when asked for or available (under
+    multi-GPU DDP each process is started with its ``LOCAL_RANK``), else the CPU."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, precision: str):
+    """The Trainer's mixed precision, for the frozen pass that runs outside it."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     """Whole batches sliced from in-memory tensors: no per-item collation."""
     ds = TensorDataset(x, y)
@@ -270,10 +284,13 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
     cached = [cfg.feature_cache and not aug and net.cut(units) > 0 for units, _, aug in stages]
     shared_cut = min((net.cut(u) for (u, _, _), c in zip(stages, cached) if c), default=0)
     shared = None
+    device = _device(cfg.accelerator)
     if shared_cut:
         prefix = net.part(None, shared_cut)
         if _cache_fits(prefix, train.images):
-            shared = {"train": run_batches(prefix, train.images), "val": run_batches(prefix, val.images)}
+            with _autocast(device, precision):
+                prefix.to(device)
+                shared = {"train": run_batches(prefix, train.images), "val": run_batches(prefix, val.images)}
         else:
             print(
                 f"ferlab: {name}: the frozen layers' output for {len(train)} images would not fit in a quarter "
@@ -290,7 +307,8 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
         xs = {"train": train.images, "val": val.images}
         if cached[stage - 1] and shared is not None:
             between = net.part(shared_cut, cut)  # frozen layers this stage adds to the shared prefix
-            xs = {s: run_batches(between, x) if len(between) else x for s, x in shared.items()}
+            with _autocast(device, precision):
+                xs = {s: run_batches(between.to(device), x) if len(between) else x for s, x in shared.items()}
             frozen = nn.Identity()
         module = Classifier(frozen, trainable, len(data.classes), lr, Augment(face_augment()) if aug else None)
         table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not cfg.progress)
@@ -324,5 +342,5 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
         p.requires_grad_(False)
     for p in net.split_at(0 if REGISTRY[name].transfer else None)[1].parameters():
         p.requires_grad_(True)
-    net.eval()
+    net.cpu().eval()  # the frozen pass may have left layers on the GPU that the Trainer never saw
     return result
