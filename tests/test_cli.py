@@ -195,3 +195,14 @@ def test_config_merge_is_strict_and_typed():
         merge(StudyConfig(), {"train": {"max_epochs": "ten"}})
     with pytest.raises(FerlabError, match=r"Config key 'data.face_crop' must be one of off, auto, on"):
         merge(StudyConfig(), {"data": {"face_crop": "maybe"}})
+
+
+def test_shipped_configs_load():
+    """Every YAML in configs/ is valid against today's config tree (a renamed key would break it)."""
+    from ferlab.config import load_yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(root.glob("*.yaml")):
+        merge(StudyConfig(), load_yaml(f))
+    deep = merge(StudyConfig(), load_yaml(root / "transfer-deep.yaml"))
+    assert (deep.train.backbone_size, deep.train.fine_tune_layers, deep.train.augment) == (112, 6, "fine-tune")
