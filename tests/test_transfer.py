@@ -180,3 +180,16 @@ def test_backbone_size_travels_in_the_checkpoint(tmp_path):
     assert card["model_args"]["backbone_size"] == 64
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(again(x), net(x))
+
+
+def test_inference_batches_shrink_with_the_backbone_input():
+    """CPU inference passes: 12 images of a 224x224 backbone (faster per image than 64 there), 64 otherwise."""
+    from ferlab.train import _inference_batch
+
+    cpu, x = torch.device("cpu"), torch.zeros(2, 3, 100, 100, dtype=torch.uint8)
+    vgg = create_model("vgg16-transfer", 6, 100, "none", 224)
+    assert _inference_batch(vgg, x, cpu) == _inference_batch(vgg.part(None, vgg.cut(1)), x, cpu) == 12
+    features = torch.zeros(2, 512, 14, 14)  # cached conv5_2 output: the rest runs on small maps
+    assert _inference_batch(vgg.part(vgg.cut(1), None), features, cpu) == 64
+    assert _inference_batch(create_model("regularized-cnn", 6, 100), x, cpu) == 64
+    assert _inference_batch(vgg, x, torch.device("cuda")) == 64
