@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared} WORK=${WORK:-/tmp/ferlab-recipes} PAR=${PAR:-2} EXTRA=${EXTRA:-}
 W=$SHARED/weights/vgg16_imagenet_features.pth
-seeds=("${@:-0 3 7 42}")
-read -ra seeds <<<"${seeds[*]}"
+seeds=("$@")
+[ ${#seeds[@]} -gt 0 ] || seeds=(0 3 7 42)
 jobs=()
 for s in "${seeds[@]}"; do
   [ -d "$WORK/split$s" ] || python3 "$SHARED/peers/make_split.py" "$SHARED/datasets/ckplus48" "$WORK/split$s" --seed "$s" >/dev/null
@@ -23,5 +23,5 @@ for s in "${seeds[@]}"; do
 done
 printf '%s\n' "${jobs[@]}" | xargs -P "$PAR" -I{} bash -c '
   set -- {}; tag="$1 $2"; shift 2
-  out=$(python3 -m ferlab "$@" '"$EXTRA"' --no-progress --out "'"$WORK"'/runs" --name "${tag// /-}" 2>&1) || rc=$?
+  out=$(python3 -m ferlab "$@" '"$EXTRA"' --no-progress --out "'"$WORK"'/runs" --name "${tag// /-}" 2>&1)
   echo "$out" | grep -E "test accuracy|^ferlab: error" | sed "s|^ferlab: |$tag: |"'

@@ -205,7 +205,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto``: mixed precision on CUDA (bf16 where supported), fp32 on CPU."""
     if precision != "auto":
         return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+    if _device(accelerator).type == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32"
 
@@ -319,9 +319,9 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
             p.requires_grad_(True)
         xs = {"train": train.images, "val": val.images}
         if cached[stage - 1] and shared is not None:
-            between = net.part(shared_cut, cut)  # frozen layers this stage adds to the shared prefix
+            between = net.part(shared_cut, cut).to(device)  # frozen layers this stage adds to the shared prefix
             with _autocast(device, precision):
-                xs = {s: run_batches(between.to(device), x) if len(between) else x for s, x in shared.items()}
+                xs = {s: run_batches(between, x) if len(between) else x for s, x in shared.items()}
             frozen = nn.Identity()
         module = Classifier(frozen, trainable, len(data.classes), lr, Augment(face_augment()) if aug else None)
         table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not cfg.progress)
