@@ -68,6 +68,7 @@ def test_report_renders_every_section_and_image(study, tmp_path):
     assert images and decoded, "the page's load handler did not run"
     # samples, 2 x curves, 2 x confusion, misclassified galleries, prediction grid
     assert int(images.group(1)) >= 6 and decoded.group(1) == images.group(1)
+    assert 'data-overflow="0"' in dom, "the page is wider than a 1200-pixel window"
     assert "http://" not in html.read_text() and "https://" not in html.read_text(), "self-contained: no network"
     from PIL import Image
 

@@ -110,12 +110,12 @@ class Doc:
                 out.append(f"<pre>{html.escape(b.data)}</pre>")
             elif b.kind == "table":
                 header, rows = b.data
-                out.append(
-                    "<table><tr>"
+                out.append(  # in its own scroll box: a wide table never widens the page
+                    "<div class='table'><table><tr>"
                     + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
                     + "</tr>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-                    + "</table>"
+                    + "</table></div>"
                 )
             elif b.kind == "img":
                 path, alt = b.data
@@ -154,13 +154,15 @@ CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max
 padding:0 1em;color:#222;line-height:1.45}h1{border-bottom:2px solid #444}h2{margin-top:2em;
 border-bottom:1px solid #ccc}table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f2f2f2}
-pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}img{max-width:100%}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}img{max-width:100%}div.table{overflow-x:auto}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}"""
 
-# marks the page once every embedded image has decoded: the report test reads this attribute
+# marks the page once loaded: how many embedded images decoded, and by how many pixels the page is wider
+# than the window (the report test reads these attributes)
 IMAGE_CHECK = """<script>window.addEventListener('load',()=>{const imgs=[...document.images];
 document.body.dataset.images=imgs.length;document.body.dataset.decoded=
-imgs.filter(i=>i.complete&&i.naturalWidth>0).length;});</script>"""
+imgs.filter(i=>i.complete&&i.naturalWidth>0).length;const d=document.documentElement;
+document.body.dataset.overflow=Math.max(0,d.scrollWidth-d.clientWidth);});</script>"""
 
 
 # --------------------------------------------------------------------------------------------------- plots
@@ -426,6 +428,11 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     table = run / "predictions" / "prediction_results.csv"
     if table.is_file():
         rows = read_csv(table)
+        folder = os.path.commonpath([os.path.dirname(r["filename"]) for r in rows])
+        if folder:  # the table names files relative to the folder they came from
+            doc.p(f"Files under {folder}:")
+            for r in rows:
+                r["filename"] = os.path.relpath(r["filename"], folder)
         doc.table(list(rows[0]), [list(r.values()) for r in rows[:60]])
         doc.img(
             run / "predictions" / "prediction_grid.png",
