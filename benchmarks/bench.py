@@ -181,8 +181,7 @@ def main() -> None:
     }
     print(
         f"matmul (2048^3 on a CPU, 8192^3 on CUDA): fp32 {env['matmul_gflops_fp32']:.0f} GFLOP/s, "
-        f"bf16 {env['matmul_gflops_bf16']:.0f} "
-        f"GFLOP/s ({env['device']}, {env['threads']} CPU threads)",
+        f"bf16 {env['matmul_gflops_bf16']:.0f} GFLOP/s ({env['device']}, {env['threads']} CPU threads)",
         flush=True,
     )
     rows = []
