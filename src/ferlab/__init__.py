@@ -1,3 +1,18 @@
-"""ferlab: train, compare, explain and deploy facial-emotion classifiers."""
+"""ferlab: train, compare, explain and deploy facial-emotion classifiers.
 
-__version__ = "0.1.0"
+>>> import ferlab
+>>> ferlab.analyze("photo.jpg")          # the shipped fer2013 model; see ferlab.api   # doctest: +SKIP
+"""
+
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):  # the API's imports (torch) load on first use, not on ``import ferlab``
+    if name == "analyze":
+        from ferlab.api import analyze
+
+        return analyze
+    raise AttributeError(f"module 'ferlab' has no attribute {name!r}")
+
+
+__all__ = ["analyze", "__version__"]

@@ -31,7 +31,12 @@ def save_checkpoint(path: Path, net: Net, model: str, classes: list[str], pre: P
         "version": VERSION,
         "ferlab_version": __version__,
         "model": model,
-        "model_args": {"num_classes": len(classes), "image_size": pre.image_size, "backbone_size": net.normalize.size},
+        "model_args": {
+            "num_classes": len(classes),
+            "image_size": pre.image_size,
+            "backbone_size": net.normalize.size,
+            "tta": net.tta,
+        },
         "classes": list(classes),
         "preprocess": dataclasses.asdict(pre),
         "normalize": {"mean": list(net.normalize.mean), "std": list(net.normalize.std), "input": "uint8 RGB"},

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 
+from ferlab import __version__
 from ferlab.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
 from ferlab.errors import FerlabError
-from ferlab.models import REGISTRY
 
 
 def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -37,29 +36,68 @@ def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argp
     add_flags(p, DataConfig, "data", skip=("data",))
     add_flags(p, TrainConfig, "train")
     add_flags(p, StudyConfig, "", skip=("models",) if name == "train" else ())
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run that was killed: finished models are kept, the interrupted one continues from its "
+        "last completed epoch (other flags, if given, must match the run's settings)",
+    )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferlab", description="Train, compare and use facial-emotion classifiers.")
+    parser.add_argument("--version", action="version", version=f"ferlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _study_parser(sub, "run", "the whole study: train every model, test each once, compare them")
     train = _study_parser(sub, "train", "train one model into its own run folder")
-    train.add_argument("--model", required=True, choices=list(REGISTRY))
+    train.add_argument(
+        "--model", help="the model to train, a registry name (ferlab models lists them; default: the config's one)"
+    )
     ev = sub.add_parser("evaluate", help="evaluate a saved model on a folder of labelled images")
-    ev.add_argument("checkpoint")
+    ev.add_argument("checkpoint", help="a model.ckpt, an exported .onnx or a shipped model's name (e.g. fer2013)")
     ev.add_argument("data", help="folder-per-class images (DIR/<class>/<images>)")
     ev.add_argument("--out", help="where to write the metrics (default: runs/<timestamp>-evaluate)")
+    ev.add_argument(
+        "--class-map",
+        help="data=model class names where synonyms do not meet (e.g. contempt=disgust,joy=happy); "
+        "anger/angry, sadness/sad, happiness/happy, surprised/surprise ... are mapped already",
+    )
+    ev.add_argument("--drop-classes", nargs="+", default=[], metavar="CLASS", help="data class folders to leave out")
     pr = sub.add_parser("predict", help="predict new images with one or more saved models")
-    pr.add_argument("--checkpoint", action="append", required=True, help="a model.ckpt (repeat for more models)")
+    pr.add_argument(
+        "--checkpoint",
+        action="append",
+        help="a model.ckpt, an exported .onnx, a run folder (all its models) or a shipped model's name; repeat "
+        "for more models (default: the shipped fer2013 model)",
+    )
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     pr.add_argument("--labels", help="CSV of filename,label giving the correct classes")
     pr.add_argument("--all-faces", action="store_true", help="one row per detected face instead of per image")
+    pr.add_argument(
+        "--face-crop",
+        choices=("off", "auto", "on"),
+        help="override the model's own policy: off (whole image), auto (the face when one is found) or on "
+        "(skip images without a face); by default each model crops as its training images were",
+    )
+    pr.add_argument(
+        "--explain",
+        nargs="?",
+        const="gradcam",
+        choices=("gradcam", "occlusion"),
+        help="also write each face's heatmap for its predicted class into explanations/ and explanation_grid.png "
+        "(gradcam, the default; occlusion also explains ONNX models)",
+    )
+    pr.add_argument("--every", type=int, help="videos: classify every Nth frame")
+    pr.add_argument("--fps", type=float, help="videos: classify this many frames per second")
+    pr.add_argument(
+        "--smooth", type=float, default=0.5, help="videos: smooth each face's probabilities over this many seconds"
+    )
     pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
     rp = sub.add_parser("report", help="write report.html and report.md for a run folder")
     rp.add_argument("run_dir")
-    sm = sub.add_parser("summary", help="print a Keras-style summary of a model")
-    sm.add_argument("model", choices=list(REGISTRY))
+    sm = sub.add_parser("summary", help="print a Keras-style summary of a model or a checkpoint's model")
+    sm.add_argument("model", help="a registry model name, a model.ckpt or a shipped model's name")
     sm.add_argument("--num-classes", type=int, default=6)
     sm.add_argument("--image-size", type=int, default=100)
     sm.add_argument(
@@ -68,53 +106,140 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig().backbone_size,
         help="transfer models: the side their backbone sees (0: the image size)",
     )
+    ex = sub.add_parser("export", help="export a model to ONNX (preprocessing and model card inside)")
+    ex.add_argument("checkpoint", help="a model.ckpt or a shipped model's name")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="the export format")
+    ex.add_argument("--out", help="the file to write (default: beside the checkpoint, or NAME.onnx)")
+    ex.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="also write an int8 model (ONNX Runtime dynamic quantization) if it costs at most --max-drop points",
+    )
+    ex.add_argument("--data", help="labelled folder-per-class images on which --quantize measures the accuracy change")
+    ex.add_argument("--max-drop", type=float, default=1.0, help="most accuracy points int8 may cost (default 1)")
+    sv = sub.add_parser("serve", help="serve models over HTTP: a REST API and a web page")
+    sv.add_argument(
+        "--checkpoint",
+        action="append",
+        help="a model.ckpt, .onnx, run folder or shipped model's name; repeat to serve several (default: fer2013)",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="largest request body (default 10 MB)")
+    sub.add_parser("models", help="list the registry's architectures and the shipped pretrained models")
+    info = sub.add_parser("info", help="print a checkpoint's model card")
+    info.add_argument("checkpoint", help="a model.ckpt, an exported .onnx or a shipped model's name")
     return parser
+
+
+def new_output_dir(kind: str) -> str:
+    """runs/<timestamp>-<kind>: a fresh folder, made now (removed again if the command fails before writing)."""
+    from ferlab.files import unique_dir
+
+    return str(unique_dir(Path("runs"), kind))
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _config(args: argparse.Namespace) -> StudyConfig:
     cfg = StudyConfig()
     if getattr(args, "config", None):
-        cfg = merge(cfg, load_yaml(args.config))
+        loaded = load_yaml(args.config)
+        if isinstance(loaded, dict):
+            loaded.pop("dataset", None)  # run folders before dataset.json kept the data summary here
+        cfg = merge(cfg, loaded)
     return merge(cfg, overrides_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from ferlab.train import keep_freed_memory
-
-    keep_freed_memory()
     try:
         return _dispatch(args, argv)
     except FerlabError as e:
         print(f"ferlab: error: {e}", file=sys.stderr)
+        _remove_empty_folders()
         return 2
     except KeyboardInterrupt:
         print("ferlab: interrupted; files already written in the run folder are complete.", file=sys.stderr)
+        _remove_empty_folders()
         return 130
+    except BrokenPipeError:  # output piped into head & co.: stop quietly
+        sys.stderr.close()
+        return 0
+
+
+def _remove_empty_folders() -> None:
+    from ferlab.files import remove_empty_created
+
+    remove_empty_created()
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "summary":
-        from ferlab.models import create_model
+        from ferlab.models import REGISTRY, create_model
         from ferlab.summary import summarize
 
+        if args.model in REGISTRY:
+            net = create_model(args.model, args.num_classes, args.image_size, "none", args.backbone_size)
+            print(summarize(net, args.image_size, args.model))
+            return 0
+        from ferlab.inference import TorchRuntime, load_model
+
+        model = load_model(args.model)
+        if not isinstance(model.runtime, TorchRuntime):
+            raise FerlabError(f"{args.model} is an ONNX file; ferlab summary needs a registry name or a .ckpt.")
+        print(summarize(model.runtime.net, model.pre.image_size, model.card["model"]))
+        return 0
+    if args.command == "export":
+        from ferlab.export import export_onnx
+
+        r = export_onnx(args.checkpoint, args.out, args.quantize, args.data, args.max_drop)
         print(
-            summarize(
-                create_model(args.model, args.num_classes, args.image_size, "none", args.backbone_size),
-                args.image_size,
-                args.model,
-            )
+            f"ferlab: wrote {r.path} ({r.size_bytes / 1e6:.1f} MB; ONNX Runtime matches PyTorch within "
+            f"{r.max_diff:.1e} on generated inputs)"
         )
+        if r.int8_path:
+            print(f"ferlab: wrote {r.int8_path} (int8: accuracy {r.accuracy[1]:.4f} against fp32 {r.accuracy[0]:.4f})")
+        return 0
+    if args.command == "serve":
+        from ferlab.predict import load_models
+        from ferlab.serve import serve
+
+        if args.max_bytes < 1 or not 0 < args.port < 65536:
+            raise FerlabError("--max-bytes must be positive and --port between 1 and 65535.")
+        serve(load_models(args.checkpoint or []), args.host, args.port, args.max_bytes)
+        return 0
+    if args.command == "models":
+        from ferlab.cards import models_table
+
+        print(models_table())
+        return 0
+    if args.command == "info":
+        from ferlab.cards import describe
+        from ferlab.inference import load_model
+
+        print(describe(load_model(args.checkpoint)))
         return 0
     if args.command == "evaluate":
-        from ferlab.inference import evaluate_checkpoint
+        from ferlab.evaluate import evaluate_model
 
-        out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-evaluate")
-        m = evaluate_checkpoint(args.checkpoint, args.data, out)
+        out = Path(args.out or new_output_dir("evaluate"))
+        m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes)
+        for note in m["notes"]:
+            print(f"ferlab: {note}", file=sys.stderr)
+        for w in m["warnings"]:
+            print(f"ferlab: warning: {w}", file=sys.stderr)
         print(
             f"{m['model']}: accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
-            f"n={m['n']}), macro-F1 {m['macro_f1']:.4f}; details in {out}"
+            f"n={m['n']}; chance {m['chance']:.4f}, majority class ({m['majority_class']}) {m['majority']:.4f}), "
+            f"macro-F1 {m['macro_f1']:.4f}, expected calibration error {m['ece']:.4f} "
+            f"(uncalibrated {m['ece_uncalibrated']:.4f}); details in {out}"
         )
         return 0
     if args.command == "report":
@@ -124,21 +249,65 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"ferlab: wrote {html_path} and {md_path}")
         return 0
     if args.command == "predict":
-        from ferlab.predict import run_predict
+        from ferlab.predict import run_predict, summary_lines
 
-        out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-predict")
-        rows, skipped = run_predict(args.checkpoint, args.inputs, out, args.labels, args.all_faces)
-        if skipped:
+        out = Path(args.out or new_output_dir("predict"))
+        from ferlab.video import is_video, run_video
+
+        videos = [i for i in args.inputs if is_video(i)]
+        if videos:
+            if len(args.inputs) > 1:
+                raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
+            used = [
+                f
+                for f, v in (("--labels", args.labels), ("--all-faces", args.all_faces), ("--explain", args.explain))
+                if v
+            ]
+            if used:
+                them = "it" if len(used) == 1 else "them"
+                raise FerlabError(f"{', '.join(used)}: for images only; leave {them} out for the video {videos[0]}.")
+            r = run_video(args.checkpoint or [], videos[0], out, args.every, args.fps, args.smooth, args.face_crop)
+            for line in r.lines:
+                print(f"ferlab: {line}")
+            return 0
+        p = run_predict(
+            args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, args.explain
+        )
+        if p.skipped:
             print(
-                f"ferlab: warning: {len(skipped)} inputs skipped (reasons in {out / 'skipped_files.csv'})",
+                f"ferlab: warning: {len(p.skipped)} inputs skipped (reasons in {out / 'skipped_files.csv'})",
                 file=sys.stderr,
             )
-        print(f"ferlab: {len(rows)} predictions in {out / 'prediction_results.csv'} and {out / 'prediction_grid.png'}")
+        for line in summary_lines(p):
+            print(f"ferlab: {line}")
+        grids = p.grids[0].name + (f" and {len(p.grids) - 1} more pages" if len(p.grids) > 1 else "")
+        print(f"ferlab: {len(p.rows)} predictions in {out / 'prediction_results.csv'} and {out / grids}")
         return 0
     from ferlab.study import run_study
 
+    given = overrides_from_args(args)
+    if getattr(args, "config", None):
+        loaded = load_yaml(args.config)
+        if isinstance(loaded, dict):
+            loaded.pop("dataset", None)
+        given = merge_dicts(loaded, given)
+    if args.resume:
+        from ferlab.study import prepare_resume
+
+        run_dir = Path(args.resume)
+        cfg = prepare_resume(run_dir, StudyConfig(), given)
+        run_study(cfg, ["ferlab", *argv], resume=run_dir)
+        return 0
     cfg = _config(args)
-    run_study(cfg, ["ferlab", *argv], models=[args.model] if args.command == "train" else None)
+    models = None
+    if args.command == "train":
+        if args.model:
+            models = [args.model]
+        elif len(cfg.models) == 1:
+            models = cfg.models
+        else:
+            raise FerlabError("ferlab train needs --model NAME (or a --config whose models list names one model).")
+    run_study(cfg, ["ferlab", *argv], models=models)
     return 0
 
 

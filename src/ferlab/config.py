@@ -52,14 +52,35 @@ class DataConfig:
         choices=("off", "auto", "on"),
     )
     face_margin: float = opt(0.2, "margin added around a detected face box, as a fraction of its size")
+    face_detector: str = opt(
+        "yunet",
+        "face detector for --face-crop and for predicting photos: yunet (OpenCV's YuNet CNN) or haar (OpenCV's "
+        "Haar cascade); recorded in the checkpoint, so prediction uses the one training used",
+        choices=("yunet", "haar"),
+    )
+    grayscale: str = opt(
+        "auto",
+        "convert images to grayscale (replicated to 3 channels) in training and prediction: auto (when every "
+        "training image is grayscale, so colour photos are later seen as the model saw its data), on or off",
+        choices=("auto", "on", "off"),
+    )
 
 
 @dataclass
 class TrainConfig:
     max_epochs: int = opt(100, "most epochs per training stage")
     batch_size: int = opt(32, "images per optimisation step")
-    lr: float = opt(1e-3, "Adam learning rate")
-    patience: int = opt(10, "early stopping: epochs without a better validation accuracy")
+    lr: float = opt(1e-3, "learning rate (the peak of a schedule)")
+    optimizer: str = opt("adam", "adam, adamw or sgd (momentum 0.9, Nesterov)", choices=("adam", "adamw", "sgd"))
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw)")
+    schedule: str = opt(
+        "constant",
+        "learning-rate schedule per stage: constant, or cosine (linear warm-up over the first 5% of the "
+        "stage's max epochs, then cosine decay to zero at the last)",
+        choices=("constant", "cosine"),
+    )
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    patience: int = opt(10, "early stopping: epochs without a better validation accuracy (0: never stop early)")
     seed: int = opt(0, "seed for the split, initialisation, shuffling and augmentation")
     precision: str = opt(
         "auto",
@@ -72,6 +93,12 @@ class TrainConfig:
         "stage of every model) or fine-tune (stage 2 of transfer models; the frozen part then runs every step)",
         choices=("off", "on", "fine-tune"),
     )
+    rotate: float = opt(10.0, "augmentation: largest rotation, degrees")
+    shift: float = opt(0.06, "augmentation: largest shift, as a fraction of the image side")
+    zoom: float = opt(0.08, "augmentation: largest scale change, as a fraction")
+    jitter: float = opt(0.25, "augmentation: largest brightness and contrast change, as a fraction")
+    erase: float = opt(0.0, "augmentation: probability of erasing a random rectangle (cutout)")
+    tta: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror image")
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
     backbone_size: int = opt(
         224,
@@ -90,9 +117,15 @@ class TrainConfig:
         True,
         "run a frozen, unaugmented backbone once and train on its cached features (same result, many times faster)",
     )
-    progress: bool = opt(True, "show a progress bar (off: one line per epoch)")
-    accelerator: str = opt("auto", "cpu, gpu or auto")
-    devices: str = opt("auto", "devices for the Lightning Trainer (e.g. 1, 4 or auto)")
+    progress: bool = opt(
+        True, "show a progress bar when stderr is a terminal (off, or not a terminal: one line per epoch)"
+    )
+    accelerator: str = opt("auto", "cpu, gpu or auto", choices=("auto", "cpu", "gpu", "cuda"))
+    devices: str = opt("auto", "devices per node for the Lightning Trainer (e.g. 1, 4 or auto)")
+    num_nodes: int = opt(1, "nodes for multi-node training (Lightning's num_nodes)")
+    strategy: str = opt(
+        "auto", "Lightning's distributed strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ..."
+    )
 
 
 @dataclass
@@ -103,6 +136,15 @@ class StudyConfig:
     out: str = opt("runs", "parent folder of run folders")
     name: str | None = opt(None, "run folder name suffix (default: the data folder's name)")
     predict_dir: str | None = opt(None, "after the study, predict these new images with the best models")
+    folds: int = opt(
+        0,
+        "K-fold cross-validation: every group (--group-by) in exactly one test fold, folds stratified by class, "
+        "validation carved from the training folds; 0: one split",
+    )
+    seeds: list[int] = opt([], "repeat each study with these training seeds on the same split(s) (default: --seed)")
+    keep_checkpoints: bool = opt(
+        False, "keep each model's per-epoch training state (training-state/) after it finishes, not only model.ckpt"
+    )
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

@@ -13,7 +13,9 @@ Every image is decoded once with Pillow into memory; files that cannot be used a
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import errno
+import hashlib
 import os
 import re
 import warnings
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +33,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ferlab import faces
 from ferlab.config import DataConfig
 from ferlab.errors import FerlabError
+from ferlab.files import write_csv
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+# the decoders ferlab lets Pillow use: never EPS (which runs Ghostscript), PSD and the like
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 SPLITS = ("train", "val", "test")
 
 
@@ -43,6 +49,23 @@ class Preprocess:
     face_crop: str = "off"
     face_margin: float = 0.2
     max_pixels: int = 40_000_000
+    grayscale: bool = False  # seen as grayscale replicated to RGB, as the training images were
+    faces: str = ""  # what the training images were: "crops" (of faces), "photos" (with faces in them), "" unknown
+    source_side: int = 0  # the training images' typical longer side in pixels (crops: what "like them" means)
+    detector: str = "haar"  # the face detector training used; prediction uses the same
+
+
+def crop_policy(pre: Preprocess, size: tuple[int, int], override: str | None = None) -> str:
+    """The face-crop policy for one image of ``size`` (width, height): the user's override, else training's
+    own policy, else (a model trained on face crops) ``auto`` for an image unlike its training images, a
+    photo more than twice their side, and ``off`` for one like them."""
+    if override:
+        return override
+    if pre.face_crop != "off":
+        return pre.face_crop
+    if pre.faces == "crops" and max(size) > 2 * max(pre.source_side, pre.image_size):
+        return "auto"
+    return "off"
 
 
 class BadImage(Exception):
@@ -57,11 +80,26 @@ class NoFace(BadImage):
 class Decoded:
     image: np.ndarray  # H x W x 3 uint8, cropped and resized
     box: faces.Box | None  # the face box in the original image, when one was cropped
+    note: str = ""  # what happened when it matters to the user ("no face found: the whole image")
+
+    @property
+    def gray(self) -> bool:
+        a = self.image
+        return bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
 
 
 def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
     """Open an image file as upright RGB, or raise :class:`BadImage` saying why it cannot be used."""
     path = Path(path)
+    if path.is_symlink():
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise BadImage("broken symbolic link (its target does not exist)") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BadImage("symbolic link loop") from None
+            raise BadImage(f"unreadable symbolic link ({e.strerror})") from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise BadImage(f"unsupported file type '{path.suffix or path.name}'")
     try:
@@ -69,7 +107,7 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
             raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(path, formats=IMAGE_FORMATS)
             if im.width * im.height > max_pixels:  # checked from the header, before any pixel is decoded
                 raise BadImage(
                     f"{im.width}x{im.height} is over the pixel limit of {max_pixels:,} (possible decompression bomb)"
@@ -78,12 +116,19 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
             im = ImageOps.exif_transpose(im)
     except BadImage:
         raise
+    except FileNotFoundError:
+        raise BadImage("the file does not exist") from None
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read") from None
     except Image.DecompressionBombError:
         raise BadImage(f"over the pixel limit of {max_pixels:,} (possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"truncated or corrupt image data ({e})") from None
+    return normalize_mode(im)
+
+
+def normalize_mode(im: Image.Image) -> Image.Image:
+    """Any decoded image as RGB (16-bit greyscale keeps its top 8 bits); an unsupported mode is a BadImage."""
     if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit greyscale: keep the top 8 bits
         a = np.asarray(im).astype(np.int64)
         im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
@@ -94,28 +139,42 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
     return im.convert("RGB")
 
 
-_FACES: dict[tuple[str, int, int], list[faces.Box]] = {}  # (path, mtime, size) -> boxes: detect once
+_FACES: dict[tuple, list[faces.Box]] = {}  # (path, mtime, size, detector) -> boxes: each file searched once
 
 
-def detect(path: str | Path, im: Image.Image) -> list[faces.Box]:
-    """Faces in the decoded image, largest first; each file is searched once per process."""
+def detect(im: Image.Image, detector: str, key: Any = None) -> list[faces.Box]:
+    """Faces in the decoded image, largest first; with a ``key`` (a file's identity) searched once per process."""
+    if key is not None and (key, detector) in _FACES:
+        return _FACES[(key, detector)]
+    found = faces.find_faces(np.asarray(im), detector)
+    if key is not None:
+        _FACES[(key, detector)] = found
+    return found
+
+
+def file_key(path: str | Path) -> tuple:
     st = os.stat(path)
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _FACES:
-        _FACES[key] = faces.find_faces(np.asarray(im.convert("L")))
-    return _FACES[key]
+    return (str(path), st.st_mtime_ns, st.st_size)
 
 
-def decode(path: str | Path, pre: Preprocess, all_faces: bool = False) -> list[Decoded]:
-    """Decode, face-crop by ``pre.face_crop`` and resize one file; one entry per face with ``all_faces``."""
-    im = open_rgb(path, pre.max_pixels)
+def prepare(
+    im: Image.Image, pre: Preprocess, all_faces: bool = False, face_crop: str | None = None, key: Any = None
+) -> list[Decoded]:
+    """An upright RGB image made into model inputs as ``pre`` prescribes: grayscale when training was, the face
+    crop :func:`crop_policy` decides (one entry per face with ``all_faces``), resized to the model's input."""
+    if pre.grayscale:  # ITU-R 601 luma, exact for images whose channels are already equal
+        im = im.convert("L").convert("RGB")
+    policy = crop_policy(pre, im.size, face_crop)
     boxes: list[faces.Box | None] = [None]
-    if pre.face_crop != "off":
-        found = detect(path, im)
+    note = ""
+    if policy != "off":
+        found = detect(im, pre.detector, None if key is None else (*key, pre.grayscale))
         if found:
             boxes = list(found) if all_faces else found[:1]
-        elif pre.face_crop == "on":
+        elif policy == "on":
             raise NoFace("no face found (--face-crop on)")
+        else:
+            note = "no face found: the whole image was classified"
     out = []
     for box in boxes:
         crop = im
@@ -123,8 +182,14 @@ def decode(path: str | Path, pre: Preprocess, all_faces: bool = False) -> list[D
             x, y, w, h = faces.expand(box, pre.face_margin, im.width, im.height)
             crop = im.crop((x, y, x + w, y + h))
         crop = crop.resize((pre.image_size, pre.image_size), Image.Resampling.BILINEAR)
-        out.append(Decoded(np.asarray(crop, dtype=np.uint8), box))
+        out.append(Decoded(np.asarray(crop, dtype=np.uint8), box, note))
     return out
+
+
+def decode(path: str | Path, pre: Preprocess, all_faces: bool = False, face_crop: str | None = None) -> list[Decoded]:
+    """Decode one file and :func:`prepare` it."""
+    im = open_rgb(path, pre.max_pixels)
+    return prepare(im, pre, all_faces, face_crop, key=file_key(path))
 
 
 def decode_many(paths: Sequence[str | Path], pre: Preprocess) -> tuple[list[Decoded | None], list[str]]:
@@ -169,7 +234,8 @@ def _class_dirs(root: Path, drop: Sequence[str]) -> list[Path]:
 
 
 def _files(class_dir: Path) -> list[Path]:
-    return sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith("."))
+    """Every file under a class folder, broken symbolic links included (so they are listed, not lost)."""
+    return sorted(f for f in class_dir.rglob("*") if (f.is_file() or f.is_symlink()) and not f.name.startswith("."))
 
 
 def scan(root: Path, drop: Sequence[str], what: str) -> list[Record]:
@@ -255,15 +321,123 @@ class Data:
 
 
 def preprocess_of(cfg: DataConfig) -> Preprocess:
-    return Preprocess(cfg.image_size, cfg.face_crop, cfg.face_margin, cfg.max_pixels)
+    return Preprocess(
+        cfg.image_size,
+        cfg.face_crop,
+        cfg.face_margin,
+        cfg.max_pixels,
+        cfg.grayscale == "on",
+        detector=cfg.face_detector,
+    )
 
 
-def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) -> Data:
-    """Find, split and decode a dataset as ``cfg`` describes (``cfg.data`` must be set)."""
-    if len(cfg.split) != 3 or min(cfg.split) < 0 or sum(cfg.split) <= 0:
-        raise FerlabError(f"--split needs three non-negative train/val/test fractions, got {cfg.split}.")
-    if cfg.image_size < 8:
-        raise FerlabError(f"--image-size must be at least 8 pixels, got {cfg.image_size}.")
+def survey(files: Sequence[str], pre: Preprocess, sample: int = 200, seed: int = 0) -> Preprocess:
+    """Record what the training images are, so prediction can treat new images as training treated these.
+
+    On up to ``sample`` training files: their typical longer side, and how much of each image the face
+    detector's largest box fills. Images that a face fills (median box width at least 40% of the image's) or
+    small images where the detector rarely fires are face crops: prediction then crops faces out of photos
+    unlike them, with the margin that reproduces the training images' framing. Otherwise they are photos.
+    """
+    if not files:
+        return pre
+    rng = np.random.default_rng(seed)
+    chosen = [files[i] for i in sorted(rng.choice(len(files), min(sample, len(files)), replace=False))]
+    sides, fills = [], []
+    for f in chosen:
+        try:
+            im = open_rgb(f, pre.max_pixels)
+        except BadImage:
+            continue
+        sides.append(max(im.size))
+        found = detect(im, pre.detector, file_key(f))
+        if found:
+            fills.append(min(1.0, max(found[0][2:]) / min(im.size)))
+    if not sides:
+        return pre
+    side = int(np.median(sides))
+    if pre.face_crop != "off":
+        return dataclasses.replace(pre, faces="photos", source_side=side)
+    if len(fills) >= 5 and np.median(fills) >= 0.4:
+        fill = float(np.median(fills))  # crop side = face side * (1 + 2 * margin) gives this framing
+        margin = round(min(0.5, max(0.0, (1 / fill - 1) / 2)), 3)
+        return dataclasses.replace(pre, faces="crops", source_side=side, face_margin=margin)
+    if len(fills) < 5 and side <= 128:
+        return dataclasses.replace(pre, faces="crops", source_side=side)
+    return dataclasses.replace(pre, faces="photos", source_side=side)
+
+
+def merge_duplicates(files: Sequence[str], groups: list[str]) -> int:
+    """Put byte-identical files into one group (in place), so a split never has the same image on both sides
+    (FER2013 holds about a thousand such sets). Returns how many files joined another's group."""
+    parent = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first: dict[str, str] = {}
+    for f, g in zip(files, groups):
+        try:
+            digest = hashlib.blake2b(Path(f).read_bytes(), digest_size=16).digest()
+        except OSError:
+            continue
+        other = first.setdefault(digest, g)
+        a, b = root(other), root(g)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    merged = [root(g) for g in groups]
+    moved = sum(a != b for a, b in zip(merged, groups))
+    groups[:] = merged
+    return moved
+
+
+def assign_folds(
+    labels: np.ndarray, groups: Sequence[str], k: int, num_classes: int, classes: Sequence[str], seed: int
+) -> np.ndarray:
+    """Stratified grouped K-fold: each item's test fold; every group in exactly one fold, each class's groups
+    spread over the folds as evenly as the groups allow. Impossible requests are one clear sentence."""
+    n_groups = len(set(groups))
+    if k > n_groups:
+        raise FerlabError(f"--folds {k} needs at least {k} groups; the data has {n_groups}.")
+    for c in range(num_classes):
+        have = len({g for g, y in zip(groups, labels) if y == c})
+        if have < k:
+            raise FerlabError(
+                f"Class '{classes[c]}' has images from only {have} groups, fewer than --folds {k}: some test folds "
+                f"would have none of it; use --folds {max(2, have)} or fewer, or drop the class."
+            )
+    names = sorted(set(groups))
+    index = {g: i for i, g in enumerate(names)}
+    gid = np.array([index[g] for g in groups])
+    counts = np.zeros((len(names), num_classes))
+    np.add.at(counts, (gid, labels), 1)
+    has = (counts > 0).astype(float)
+    # groups with more classes and more images first (they are the hardest to place), ties in seeded order
+    order = np.random.default_rng(seed).permutation(len(names))
+    order = order[np.lexsort((-counts[order].sum(1), -has[order].sum(1)))]
+    groups_in = np.zeros((k, num_classes))  # per fold and class: how many groups hold that class
+    images_in = np.zeros(k)
+    fold_of = np.empty(len(names), int)
+    for g in order:
+        # the fold where this group's classes are rarest (least squared growth), then the fold with fewest images
+        growth = ((groups_in + has[g]) ** 2).sum(1) - (groups_in**2).sum(1)
+        f = int(np.lexsort((np.arange(k), images_in, growth))[0])
+        fold_of[g] = f
+        groups_in[f] += has[g]
+        images_in[f] += counts[g].sum()
+    return fold_of[gid]
+
+
+def load_data(
+    cfg: DataConfig, seed: int = 0, description: str | None = None, fold: tuple[int, int] | None = None
+) -> Data:
+    """Find, split and decode a dataset as ``cfg`` describes (``cfg.data`` must be set).
+
+    With ``fold=(k, K)``: test is the k-th (0-based) of K stratified grouped folds, and validation is carved,
+    by group again, from the other folds (``cfg.split``'s train:val proportion)."""
     root = Path(os.path.abspath(Path(cfg.data).expanduser()))
     if not root.is_dir():
         raise FerlabError(f"The data folder {root} does not exist; pass a folder of class sub-folders.")
@@ -281,6 +455,17 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
                 given[s] = scan(root / s, cfg.drop_classes, f"{s} split")
     else:
         given["train"] = scan(root, cfg.drop_classes, "data")
+    if fold is not None and (presplit or cfg.test_dir):
+        raise FerlabError(
+            "--folds splits one folder-per-class tree itself; it cannot use train/val/test folders or --test-dir."
+        )
+    present = {d.name for d in _class_dirs(root / "train" if presplit else root, [])}
+    typos = [c for c in cfg.drop_classes if c not in present]
+    if typos:
+        what = "is not a class folder" if len(typos) == 1 else "are not class folders"
+        raise FerlabError(
+            f"--drop-classes names {', '.join(typos)}, which {what} of {root} (classes: {', '.join(sorted(present))})."
+        )
     if cfg.test_dir:
         given["test"] = scan(Path(os.path.abspath(Path(cfg.test_dir).expanduser())), cfg.drop_classes, "test")
 
@@ -301,6 +486,12 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
     pre = preprocess_of(cfg)
     records = [r for recs in given.values() for r in recs]
     decoded, reasons = decode_many([r.file for r in records], pre)
+    if cfg.grayscale == "auto":
+        train_files = {r.file for r in given["train"]}
+        train_decoded = [d for r, d in zip(records, decoded) if d is not None and r.file in train_files]
+        if train_decoded and all(d.gray for d in train_decoded):
+            # prediction will turn colour photos into what the model saw; these decode the same either way
+            pre = dataclasses.replace(pre, grayscale=True)
     skipped = [(r.file, why) for r, why in zip(records, reasons) if why]
     ok = {r.file: d for r, d in zip(records, decoded) if d is not None}
     for s, recs in given.items():
@@ -310,17 +501,29 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
 
     # make the splits the layout does not provide, from the training pool
     missing = [s for s in SPLITS if s not in given]
+    duplicates = 0
     if missing:
         pool = given["train"]
         wanted = ["train", *missing]
         fractions = [cfg.split[SPLITS.index(s)] for s in wanted]
         labels = np.array([classes.index(r.cls) for r in pool], int)
         groups = [group_of(Path(r.file).name, pattern) for r in pool]
+        duplicates = merge_duplicates([r.file for r in pool], groups)
         for r, g in zip(pool, groups):
             r.group = g
-        where = assign_splits(labels, groups, fractions, len(classes), seed) if pool else []
-        for r, s in zip(pool, where):
-            r.split = wanted[s]
+        if fold is not None:
+            k, n_folds = fold
+            test = assign_folds(labels, groups, n_folds, len(classes), classes, seed) == k
+            rest = [i for i in range(len(pool)) if not test[i]]
+            inner = assign_splits(labels[rest], [groups[i] for i in rest], cfg.split[:2], len(classes), seed + 1 + k)
+            for i in np.flatnonzero(test):
+                pool[i].split = "test"
+            for i, s in zip(rest, inner):
+                pool[i].split = ("train", "val")[s]
+        else:
+            where = assign_splits(labels, groups, fractions, len(classes), seed) if pool else []
+            for r, s in zip(pool, where):
+                r.split = wanted[s]
         given = {s: [r for recs in given.values() for r in recs if r.split == s] for s in SPLITS}
     for r in (r for recs in given.values() for r in recs):
         if not r.group:
@@ -347,6 +550,7 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
                 f"The {s} split is empty; add images or change --split (now {'/'.join(f'{f:g}' for f in cfg.split)})."
             )
 
+    pre = survey([r.file for r in given["train"]], pre, seed=seed)
     splits = {}
     for s in SPLITS:
         recs = given[s]
@@ -358,10 +562,14 @@ def load_data(cfg: DataConfig, seed: int = 0, description: str | None = None) ->
     boxes = {f: d.box for f, d in ok.items() if d.box is not None}
     if presplit:
         method = "given train/val/test folders" + (", missing splits carved from train" if missing else "")
+    elif fold is not None:
+        method = f"test: fold {fold[0] + 1} of {fold[1]} (stratified), validation carved from the other folds"
     else:
         method = "seeded class-stratified split " + "/".join(f"{f:g}" for f in cfg.split)
     if pattern is not None:
         method += f", grouped by '{cfg.group_by}' ({len({r.group for r in records if r.group})} groups)"
+    if missing and duplicates:
+        method += f", byte-identical files kept together ({duplicates} files joined a duplicate's group)"
     manifest = [r for s in SPLITS for r in given[s]]
     return Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes)
 
@@ -378,13 +586,3 @@ def write_manifest(data: Data, path: Path) -> None:
         for r in data.manifest
     ]
     write_csv(path, rows, ["file", "class", "group", "split", "face_box"])
-
-
-def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Write a CSV atomically: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)

@@ -16,12 +16,15 @@ import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from ferlab.errors import FerlabError
+
+if TYPE_CHECKING:  # torchvision is imported where a transfer model is built: it costs seconds to import
+    import torchvision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,11 +104,16 @@ class Body(nn.Sequential):
 
 
 class Net(nn.Module):
-    def __init__(self, normalize: Normalize, body: Body, head: nn.Module):
+    """``normalize`` -> ``body`` -> ``head``. With ``tta`` (test-time augmentation), eval-mode logits are the
+    mean of the image's and its mirror image's: the model carries it, so every consumer gets the same."""
+
+    def __init__(self, normalize: Normalize, body: Body, head: nn.Module, tta: bool = False):
         super().__init__()
-        self.normalize, self.body, self.head = normalize, body, head
+        self.normalize, self.body, self.head, self.tta = normalize, body, head, tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta and not self.training:
+            return (self.head(self.body(self.normalize(x))) + self.head(self.body(self.normalize(x.flip(-1))))) / 2
         return self.head(self.body(self.normalize(x)))
 
     def cut(self, trainable_units: int | None) -> int:
@@ -141,27 +149,37 @@ class ModelSpec:
     about: str
     transfer: bool  # a pretrained backbone: frozen first, then fine-tuned
     study_label: str  # the original study's file name stem for its per-epoch training accuracy
+    min_size: int  # the smallest input side (for transfer models: the backbone's input) its layers accept
+    target_layer: str  # the module (a name in Net.named_modules()) whose activations explanations use
 
 
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, about: str, transfer: bool = False, study_label: str = ""):
+def register(name: str, about: str, min_size: int, target_layer: str, transfer: bool = False, study_label: str = ""):
     def deco(fn: Callable[..., Net]) -> Callable[..., Net]:
-        REGISTRY[name] = ModelSpec(name, fn, about, transfer, study_label)
+        REGISTRY[name] = ModelSpec(
+            name, fn, about, transfer, study_label or name.replace("-", "_"), min_size, target_layer
+        )
         return fn
 
     return deco
 
 
 def create_model(
-    name: str, num_classes: int, image_size: int = 100, weights: str | None = "none", backbone_size: int | None = None
+    name: str,
+    num_classes: int,
+    image_size: int = 100,
+    weights: str | None = "none",
+    backbone_size: int | None = None,
+    tta: bool = False,
 ) -> Net:
     """Build a registered model.
 
     Args:
         weights: transfer models' backbone: ``imagenet``, ``none`` or a torchvision state-dict path.
         backbone_size: transfer models resize their input to this side before the backbone (None or 0: as given).
+        tta: average eval-mode logits over the image and its mirror image.
     """
     if name not in REGISTRY:
         raise FerlabError(f"Unknown model '{name}'; choose one of: {', '.join(REGISTRY)}.")
@@ -175,12 +193,18 @@ def create_model(
             )
         net = spec.build(num_classes, image_size, weights or "none")
         net.normalize.size = backbone_size if backbone_size and backbone_size != image_size else None
-        return net
-    return spec.build(num_classes, image_size)
+    else:
+        net = spec.build(num_classes, image_size)
+    net.tta = tta
+    return net
 
 
 @register(
-    "baseline-cnn", "the original Model 1: two convs, flatten, dense 128 (no pooling, no dropout)", study_label="model1"
+    "baseline-cnn",
+    "the original Model 1: two convs, flatten, dense 128 (no pooling, no dropout)",
+    min_size=5,
+    target_layer="body.3",
+    study_label="model1",
 )
 def baseline_cnn(num_classes: int, image_size: int) -> Net:
     side = image_size - 4  # two 'valid' 3x3 convolutions
@@ -190,7 +214,13 @@ def baseline_cnn(num_classes: int, image_size: int) -> Net:
     return Net(Normalize(), body, head)
 
 
-@register("regularized-cnn", "the original Model 2: Model 1 with max-pooling and dropout", study_label="model2")
+@register(
+    "regularized-cnn",
+    "the original Model 2: Model 1 with max-pooling and dropout",
+    min_size=10,
+    target_layer="body.6",
+    study_label="model2",
+)
 def regularized_cnn(num_classes: int, image_size: int) -> Net:
     side = ((image_size - 2) // 2 - 2) // 2
     # Max-pooling before ReLU is the same function as after it (both are monotonic) with the ReLU on a quarter
@@ -212,6 +242,43 @@ def regularized_cnn(num_classes: int, image_size: int) -> Net:
         nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), Dropout(0.5), nn.Linear(128, num_classes)
     )
     return channels_last(Net(Normalize(), body, head))
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def _vgg_style(num_classes: int, widths: tuple[int, ...]) -> Net:
+    layers: list[nn.Module] = []
+    units, cin = [], 3
+    for width in widths:
+        units.append(len(layers))
+        layers += [*_conv_bn(cin, width), *_conv_bn(width, width), nn.MaxPool2d(2)]
+        cin = width
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(cin, num_classes))
+    # NHWC: oneDNN's convolutions and batch norm are fastest in it on CPUs, in fp32 and bf16 alike
+    return channels_last(Net(Normalize(), Body(layers, units), head))
+
+
+@register(
+    "vgg-small",
+    "VGG-style CNN for 48-64 px faces: 4 blocks of two 3x3 conv-BN-ReLU and max-pooling (32-64-128-256 "
+    "channels), global average pooling, dropout 0.3",
+    min_size=16,
+    target_layer="body.26",
+)
+def vgg_small(num_classes: int, image_size: int) -> Net:
+    return _vgg_style(num_classes, (32, 64, 128, 256))
+
+
+@register(
+    "vgg-medium",
+    "vgg-small 1.5x wider (48-96-192-384 channels): 2.2x the parameters and compute",
+    min_size=16,
+    target_layer="body.26",
+)
+def vgg_medium(num_classes: int, image_size: int) -> Net:
+    return _vgg_style(num_classes, (48, 96, 192, 384))
 
 
 def _transfer_head(channels: int, num_classes: int) -> nn.Sequential:
@@ -294,10 +361,14 @@ def _transfer_net(
 @register(
     "vgg16-transfer",
     "ImageNet VGG16 conv base, global average pooling, dense 1024, dropout 0.5",
+    min_size=32,
+    target_layer="body.29",
     transfer=True,
     study_label="fine_tuned",
 )
 def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
+    import torchvision
+
     features = torchvision.models.vgg16(weights=None).features
     convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]  # 13 units, the last with pool 5
     # NHWC: the frozen pass over the data is about 1.3x faster on CPU (oneDNN's preferred layout)
@@ -311,10 +382,14 @@ def vgg16_transfer(num_classes: int, image_size: int, weights: str) -> Net:
 @register(
     "mobilenetv2-transfer",
     "ImageNet MobileNetV2 features, global average pooling, dense 1024, dropout 0.5",
+    min_size=32,
+    target_layer="body.18",
     transfer=True,
     study_label="mobilenetv2_fine_tuned",
 )
 def mobilenetv2_transfer(num_classes: int, image_size: int, weights: str) -> Net:
+    import torchvision
+
     features = torchvision.models.mobilenet_v2(weights=None).features
     # 19 units: the stem, 17 inverted-residual blocks, the final 1x1 conv
     return _transfer_net(

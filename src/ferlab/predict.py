@@ -1,11 +1,13 @@
-"""Predict new images with one or more checkpoints; a CSV and a labelled picture grid.
+"""Predict new images with one or more models; a CSV and labelled picture grids.
 
-    ferlab predict --checkpoint runs/x/regularized-cnn/model.ckpt --checkpoint runs/x/vgg16-transfer/model.ckpt \\
-        photos/ 'more/*.jpg' --out predictions/
+    ferlab predict photo.jpg                                            # the shipped fer2013 model
+    ferlab predict --checkpoint runs/x/regularized-cnn/model.ckpt --checkpoint model.onnx photos/ 'more/*.jpg'
+    ferlab predict --checkpoint runs/x photos/ --all-faces --out predictions/    # every model of a run folder
 
-Each checkpoint rebuilds its own model and preprocessing (input size, face-crop policy), so an image is
-prepared for every model exactly as that model's training images were. The correct class is the parent
-folder's name when it is one of the classes, or comes from ``--labels`` (a CSV of filename,label).
+Each model prepares an image exactly as its card says (grayscale, face crop, input size) through
+:mod:`ferlab.inference`, the same path ``ferlab evaluate``, ``ferlab serve`` and :func:`ferlab.analyze` take.
+The correct class is the parent folder's name when it is one of the classes, or comes from ``--labels``
+(a CSV of filename,label). Predictions on inputs unlike a model's training data are flagged.
 """
 
 from __future__ import annotations
@@ -13,31 +15,41 @@ from __future__ import annotations
 import csv
 import glob
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ferlab.checkpoint import load_checkpoint
-from ferlab.data import IMAGE_SUFFIXES, BadImage, NoFace, Preprocess, decode, open_rgb, to_tensor, write_csv
+from ferlab.data import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
 from ferlab.errors import FerlabError
-from ferlab.train import run_batches
+from ferlab.files import SYNONYMS, write_csv
+from ferlab.inference import Model, default_model_name, load_model, pretrained_path
+from ferlab.stats import wilson
 
-GRID_PANELS = 48  # the picture grid shows at most this many rows of the table
+GRID_PANELS = 48  # panels per grid page
+
+
+def natural_key(path: Path) -> list:
+    """img2 before img10: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (searched recursively) and glob patterns, in a stable order, without repeats."""
+    """Files, folders (searched recursively) and glob patterns, in natural order, without repeats."""
     found: list[Path] = []
     for item in inputs:
         if any(ch in item for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            matches = sorted((Path(p) for p in glob.glob(item, recursive=True)), key=natural_key)
             if not matches:
                 raise FerlabError(f"The pattern {item} matches no files.")
             found += [p for p in matches if p.is_file()]
         elif Path(item).is_dir():
-            files = sorted(p for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(
+                (p for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith(".")), key=natural_key
+            )
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
                 raise FerlabError(f"The folder {item} holds no images to predict.")
             found += files
@@ -62,95 +74,137 @@ def read_labels(path: str) -> dict[str, str]:
 
 
 @dataclass
-class Model:
-    label: str
-    net: torch.nn.Module
-    card: dict
-
-    @property
-    def pre(self) -> Preprocess:
-        return self.card["preprocess_obj"]
-
-
-@dataclass
 class Row:
     file: Path
     face: int  # 0-based face index with --all-faces, else 0
     box: tuple[int, int, int, int] | None
     true: str
     preds: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # model -> top-3 (class, prob)
+    unusual: dict[str, str] = field(default_factory=dict)  # model -> why the input is unlike its training data
     notes: dict[str, str] = field(default_factory=dict)  # model -> why it has no prediction
+    crops: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # model -> what it saw (for --explain)
+
+
+def checkpoint_files(items: list[str]) -> list[str]:
+    """``--checkpoint`` values with run folders expanded to their models' checkpoints."""
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and not (p / "config.yaml").is_file() and pretrained_path(item) is not None:
+            out.append(item)  # a folder named like a shipped model, not a run folder: the shipped model
+        elif p.is_dir():
+            found = sorted(str(c) for c in p.glob("*/model.ckpt"))
+            if not found:
+                raise FerlabError(f"The folder {item} holds no model.ckpt; pass a ferlab run folder or a model file.")
+            out += found
+        else:
+            out.append(item)
+    return out
 
 
 def load_models(checkpoints: list[str]) -> list[Model]:
-    models, seen = [], {}
-    for ck in checkpoints:
-        net, card = load_checkpoint(ck)
-        label = card["model"]
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] > 1:  # two checkpoints of one architecture: numbered in the order given
-            label = f"{label}#{seen[label]}"
-        models.append(Model(label, net, card))
+    """Models labelled by their card's name; two of one architecture by their run folder too."""
+    models = [load_model(c) for c in checkpoint_files(checkpoints or [default_model_name()])]
+    names = [m.card.get("model", "?") if Path(m.name).exists() else m.name for m in models]
+    labels = []
+    for m, name in zip(models, names):
+        label = name
+        if names.count(name) > 1 and Path(m.name).exists():
+            p = Path(m.name)
+            label = f"{name}@{p.parent.parent.name if p.name == 'model.ckpt' else p.stem}"
+        while label in labels:  # the same file twice
+            label += "'"
+        labels.append(label)
+    for m, label in zip(models, labels):
+        m.label = label
     return models
 
 
+def face_crop_warnings(models: list[Model], override: str | None) -> list[str]:
+    """A sentence per model whose card the --face-crop override contradicts."""
+    if not override:
+        return []
+    out = []
+    for m in models:
+        pre = m.pre
+        if override == "off" and (pre.face_crop != "off" or pre.faces == "crops"):
+            out.append(
+                f"{m.label} was trained on face crops; with --face-crop off whole photos are classified as they are"
+            )
+        elif override != "off" and pre.face_crop == "off" and pre.faces == "photos":
+            out.append(f"{m.label} was trained on whole images; with --face-crop {override} it sees face crops")
+    return out
+
+
 def predict(
-    models: list[Model], files: list[Path], labels: dict[str, str] | None = None, all_faces: bool = False
+    models: list[Model],
+    files: list[Path],
+    labels: dict[str, str] | None = None,
+    all_faces: bool = False,
+    face_crop: str | None = None,
+    keep_crops: bool = False,
 ) -> tuple[list[Row], list[dict]]:
-    """Rows of predictions and the list of skipped inputs (file, model, reason)."""
-    if all_faces:
-        for m in models:
-            if m.pre.face_crop == "off":
-                raise FerlabError(
-                    f"--all-faces needs models trained with --face-crop auto or on; {m.label} was "
-                    "trained on whole images."
-                )
-    classes = models[0].card["classes"]
+    """Rows of predictions and the list of skipped inputs (file, model, reason).
+
+    Each file is decoded once and prepared for every model, then dropped: memory holds the models' small
+    input crops, never a folder of full-size photos; crops are classified in batches as they accumulate."""
+    classes = models[0].classes
     skipped: list[dict] = []
     rows: dict[tuple[Path, int], Row] = {}
-    unreadable: set[Path] = set()
+    pending: dict[str, list[tuple[tuple[Path, int], Decoded]]] = {m.label: [] for m in models}
+    max_pixels = max(m.pre.max_pixels for m in models)
 
     def truth(f: Path) -> str:
         if labels is not None:
             return labels.get(f.name, labels.get(str(f), ""))
         return f.parent.name if f.parent.name in classes else ""
 
-    for m in models:
-        decoded, keys = [], []
-        for f in files:
-            if f in unreadable:
-                continue
+    def flush(m: Model) -> None:
+        batch = pending[m.label]
+        for (key, _), face in zip(batch, m.classify([d for _, d in batch])):
+            rows[key].preds[m.label] = sorted(face.probabilities.items(), key=lambda kv: -kv[1])[:3]
+            if keep_crops:
+                rows[key].crops[m.label] = face.crop
+            if face.unusual:
+                rows[key].unusual[m.label] = face.unusual
+        batch.clear()
+
+    for f in files:
+        try:
+            image = open_rgb(f, max_pixels)
+            key = file_key(f)
+        except BadImage as e:  # unusable for every model: listed once
+            skipped.append({"file": str(f), "model": "", "reason": str(e)})
+            continue
+        except Exception as e:  # noqa: BLE001 - one odd file must never stop a batch
+            skipped.append({"file": str(f), "model": "", "reason": f"unreadable ({e.__class__.__name__}: {e})"})
+            continue
+        for m in models:
             try:
-                faces_of_f = decode(f, m.pre, all_faces=all_faces)
-            except NoFace as e:  # readable, but this model was trained with --face-crop on
+                faces_of_f = m.prepare(image, key=key, all_faces=all_faces, face_crop=face_crop)
+            except NoFace as e:  # readable, but this model's policy skips images without a face
                 skipped.append({"file": str(f), "model": m.label, "reason": str(e)})
                 rows.setdefault((f, 0), Row(f, 0, None, truth(f))).notes[m.label] = str(e)
                 continue
-            except BadImage as e:  # unusable for every model: listed once
-                unreadable.add(f)
-                skipped.append({"file": str(f), "model": "", "reason": str(e)})
+            except Exception as e:  # noqa: BLE001 - e.g. an image too thin to resize: skipped, not fatal
+                skipped.append({"file": str(f), "model": m.label, "reason": f"{e.__class__.__name__}: {e}"})
                 continue
             for i, d in enumerate(faces_of_f):
-                key = (f, i)
-                if key not in rows:
-                    rows[key] = Row(f, i, d.box, truth(f))
-                decoded.append(d.image)
-                keys.append(key)
-        if not decoded:
-            continue
-        probs = run_batches(m.net, to_tensor(decoded, m.pre.image_size)).softmax(1)
-        top = probs.topk(min(3, probs.shape[1]), dim=1)
-        names = m.card["classes"]
-        for key, vals, idx in zip(keys, top.values.tolist(), top.indices.tolist()):
-            rows[key].preds[m.label] = [(names[i], v) for i, v in zip(idx, vals)]
-    ordered = sorted(rows.values(), key=lambda r: (files.index(r.file), r.face))
+                rows.setdefault((f, i), Row(f, i, d.box, truth(f)))
+                pending[m.label].append(((f, i), d))
+            if len(pending[m.label]) >= 256:
+                flush(m)
+    for m in models:
+        flush(m)
+    order = {f: i for i, f in enumerate(files)}
+    ordered = sorted(rows.values(), key=lambda r: (order[r.file], r.face))
     return ordered, skipped
 
 
 def write_table(rows: list[Row], models: list[Model], path: Path, all_faces: bool) -> None:
     cols = ["filename", *(["face", "box"] if all_faces else []), "correct_class"]
     for m in models:
-        cols += [f"{m.label}_predicted", f"{m.label}_confidence", f"{m.label}_top3"]
+        cols += [f"{m.label}_predicted", f"{m.label}_confidence", f"{m.label}_top3", f"{m.label}_unusual"]
     out = []
     for r in rows:
         rec = {"filename": str(r.file), "correct_class": r.true}
@@ -161,33 +215,46 @@ def write_table(rows: list[Row], models: list[Model], path: Path, all_faces: boo
             rec[f"{m.label}_predicted"] = top[0][0] if top else ""
             rec[f"{m.label}_confidence"] = round(top[0][1], 4) if top else ""
             rec[f"{m.label}_top3"] = " ".join(f"{c}:{p:.3f}" for c, p in top) if top else r.notes.get(m.label, "")
+            rec[f"{m.label}_unusual"] = r.unusual.get(m.label, "")
         out.append(rec)
     write_csv(path, out, cols)
 
 
 PANEL, LINE, COLUMNS = 240, 16, 6  # panel width and picture side, text line height, panels per row
-COLOURS = {"right": (0, 130, 0), "wrong": (200, 0, 0), "unknown": (0, 0, 0), "none": (130, 130, 130)}
+COLOURS = {
+    "right": (0, 130, 0),
+    "wrong": (200, 0, 0),
+    "unknown": (0, 0, 0),
+    "none": (130, 130, 130),
+    "unusual": (190, 110, 0),
+}
 
 
-def grid_size(panels: int, models: int) -> tuple[int, int]:
+def panel_height(models: int, truth: bool) -> int:
+    return PANEL + LINE * (1 + truth + models) + 8
+
+
+def grid_size(panels: int, models: int, truth: bool = True) -> tuple[int, int]:
     cols = min(COLUMNS, max(1, panels))
-    return cols * PANEL, math.ceil(panels / cols) * (PANEL + LINE * (2 + models) + 8)
+    return cols * PANEL, math.ceil(panels / cols) * panel_height(models, truth)
 
 
-def draw_grid(rows: list[Row], models: list[Model], path: Path) -> int:
-    """The picture grid: each panel is an image (face box drawn) over its name, the correct class and every
-    model's prediction: green when right, red when wrong, black when the correct class is unknown.
-    Returns the number of panels (at most ``GRID_PANELS``)."""
-    rows = rows[:GRID_PANELS]
-    width, height = grid_size(len(rows), len(models))
-    panel_h = PANEL + LINE * (2 + len(models)) + 8
+def draw_grid(rows: list[Row], models: list[Model], path: Path, truth: bool) -> None:
+    """One grid page: each panel is an image (the classified face's box drawn) over its name, the correct class
+    (when known for any input) and every model's prediction: green when right, red when wrong, black when the
+    correct class is unknown, orange with a "?" when the input is unlike the model's training data."""
+    width, height = grid_size(len(rows), len(models), truth)
+    panel_h = panel_height(len(models), truth)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=12)
     side = PANEL - 16
     for k, r in enumerate(rows):
         x0, y0 = (k % COLUMNS) * PANEL + 8, (k // COLUMNS) * panel_h + 4
-        im = open_rgb(r.file, models[0].pre.max_pixels)  # upright, as the face boxes were found
+        try:
+            im = open_rgb(r.file, models[0].pre.max_pixels)  # upright, as the face boxes were found
+        except BadImage:
+            im = Image.new("RGB", (side, side), (230, 230, 230))
         scale = side / max(im.size)
         thumb = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
         ox, oy = x0 + (side - thumb.width) // 2, y0 + (side - thumb.height) // 2
@@ -196,14 +263,19 @@ def draw_grid(rows: list[Row], models: list[Model], path: Path) -> int:
             bx, by, bw, bh = (v * scale for v in r.box)
             draw.rectangle([ox + bx, oy + by, ox + bx + bw, oy + by + bh], outline=(255, 220, 0), width=2)
         name = r.file.name + (f" (face {r.face + 1})" if r.face else "")
-        lines = [(name, COLOURS["unknown"]), (f"true: {r.true or '?'}", COLOURS["unknown"])]
+        lines = [(name, COLOURS["unknown"])]
+        if truth:
+            lines.append((f"true: {r.true or '?'}", COLOURS["unknown"]))
         for m in models:
             top = r.preds.get(m.label)
             if not top:
                 lines.append((f"{m.label}: -", COLOURS["none"]))
                 continue
             verdict = "unknown" if not r.true else ("right" if top[0][0] == r.true else "wrong")
-            label, verdict_text = m.label, f": {top[0][0]} {top[0][1]:.2f}"
+            if r.unusual.get(m.label):
+                verdict = "unusual" if verdict == "unknown" else verdict
+            mark = " ?" if r.unusual.get(m.label) else ""
+            label, verdict_text = m.label, f": {top[0][0]} {top[0][1]:.2f}{mark}"
             while draw.textlength(label + verdict_text, font=font) > PANEL - 12 and len(label) > 6:
                 label = label[:-4] + "..."  # shorten the model's name, never the prediction
             lines.append((label + verdict_text, COLOURS[verdict]))
@@ -214,16 +286,59 @@ def draw_grid(rows: list[Row], models: list[Model], path: Path) -> int:
     tmp = path.with_name(path.name + ".tmp.png")
     sheet.save(tmp)
     tmp.replace(path)
-    return len(rows)
+
+
+def draw_grids(rows: list[Row], models: list[Model], out: Path) -> list[Path]:
+    """Every row on pages of ``GRID_PANELS``: prediction_grid.png, prediction_grid_2.png, ..."""
+    truth = any(r.true for r in rows)
+    pages = []
+    for k in range(0, len(rows), GRID_PANELS):
+        page = k // GRID_PANELS + 1
+        path = out / ("prediction_grid.png" if page == 1 else f"prediction_grid_{page}.png")
+        draw_grid(rows[k : k + GRID_PANELS], models, path, truth)
+        pages.append(path)
+    for stale in out.glob("prediction_grid_*.png"):  # pages of an earlier, longer prediction into this folder
+        if stale not in pages:
+            stale.unlink()
+    return pages
+
+
+@dataclass
+class Prediction:
+    rows: list[Row]
+    skipped: list[dict]
+    models: list[Model]
+    grids: list[Path]
+    accuracy: dict[str, tuple[int, int]]  # model -> (right, labelled)
+    unusual: dict[str, int]  # model -> predictions flagged
 
 
 def run_predict(
-    checkpoints: list[str], inputs: list[str], out: Path, labels: str | None = None, all_faces: bool = False
-) -> tuple[list[Row], list[dict]]:
+    checkpoints: list[str],
+    inputs: list[str],
+    out: Path,
+    labels: str | None = None,
+    all_faces: bool = False,
+    face_crop: str | None = None,
+    explain: str | None = None,
+) -> Prediction:
     models = load_models(checkpoints)
+    for w in face_crop_warnings(models, face_crop):
+        print(f"ferlab: warning: {w}", file=sys.stderr)
     files = expand_inputs(inputs)
-    rows, skipped = predict(models, files, read_labels(labels) if labels else None, all_faces)
-    if not rows:
+    known = read_labels(labels) if labels else None
+    if known is not None:
+        for m in models:
+            names = {SYNONYMS.get(c.lower(), c.lower()) for c in m.classes}
+            foreign = sorted({v for v in known.values() if v and SYNONYMS.get(v.lower(), v.lower()) not in names})
+            if foreign:
+                raise FerlabError(
+                    f"The labels file names classes {m.label} does not know: {', '.join(foreign)} "
+                    f"(it knows {', '.join(m.classes)})."
+                )
+        known = {f: canonical(v, models[0].classes) for f, v in known.items()}
+    rows, skipped = predict(models, files, known, all_faces, face_crop, keep_crops=explain is not None)
+    if not any(r.preds for r in rows):
         first = skipped[0] if skipped else {"file": "-", "reason": "no input"}
         raise FerlabError(
             f"None of the {len(files)} inputs could be predicted (first: {first['file']}: {first['reason']})."
@@ -231,5 +346,90 @@ def run_predict(
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, models, out / "prediction_results.csv", all_faces)
     write_csv(out / "skipped_files.csv", skipped, ["file", "model", "reason"])
-    draw_grid(rows, models, out / "prediction_grid.png")
-    return rows, skipped
+    grids = draw_grids(rows, models, out)
+    if explain:
+        grids += explain_rows(rows, models, out, explain)
+    accuracy = {}
+    for m in models:
+        labelled = [r for r in rows if r.true and m.label in r.preds]
+        accuracy[m.label] = (sum(r.preds[m.label][0][0] == r.true for r in labelled), len(labelled))
+    unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
+    return Prediction(rows, skipped, models, grids, accuracy, unusual)
+
+
+def canonical(label: str, classes: list[str]) -> str:
+    """A labels-file class in the model's own spelling (anger -> angry for a model that says angry)."""
+    key = SYNONYMS.get(label.lower(), label.lower())
+    return next((c for c in classes if SYNONYMS.get(c.lower(), c.lower()) == key), label)
+
+
+def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -> list[Path]:
+    """explanations/<image>[_face<k>]_<model>.png (the crop beside its heatmap for the predicted class) and
+    explanation_grid.png pages (every row: the crop, then each model's heatmap)."""
+    from ferlab.explain import heatmaps, overlay
+
+    folder = out / "explanations"
+    folder.mkdir(exist_ok=True)
+    maps: dict[tuple[int, str], np.ndarray] = {}
+    for m in models:
+        todo = [(i, r) for i, r in enumerate(rows) if m.label in r.crops]
+        for k in range(0, len(todo), 32):
+            chunk = todo[k : k + 32]
+            targets = [m.classes.index(r.preds[m.label][0][0]) for _, r in chunk]
+            for (i, r), heat in zip(chunk, heatmaps(m, [r.crops[m.label] for _, r in chunk], targets, method)):
+                maps[(i, m.label)] = overlay(r.crops[m.label], heat)
+                side = np.concatenate([r.crops[m.label], maps[(i, m.label)]], axis=1)
+                stem = r.file.stem + (f"_face{r.face + 1}" if r.face else "")
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.label)
+                Image.fromarray(side).resize((side.shape[1] * 2, side.shape[0] * 2)).save(folder / f"{stem}_{safe}.png")
+    pages = []
+    cell = 120
+    for k in range(0, len(rows), GRID_PANELS):
+        chunk = list(enumerate(rows))[k : k + GRID_PANELS]
+        sheet = Image.new("RGB", ((1 + len(models)) * cell + 220, len(chunk) * (cell + 4) + 24), "white")
+        draw = ImageDraw.Draw(sheet)
+        font = ImageFont.load_default(size=12)
+        for j, m in enumerate(models):
+            draw.text((220 + (j + 1) * cell, 4), m.label[:18], fill=(0, 0, 0), font=font)
+        for row_no, (i, r) in enumerate(chunk):
+            y = 24 + row_no * (cell + 4)
+            draw.text(
+                (4, y + cell // 2 - 6),
+                (r.file.name + (f" face {r.face + 1}" if r.face else ""))[:34],
+                fill=(0, 0, 0),
+                font=font,
+            )
+            first = next((r.crops[m.label] for m in models if m.label in r.crops), None)
+            if first is not None:
+                sheet.paste(Image.fromarray(first).resize((cell, cell)), (220, y))
+            for j, m in enumerate(models):
+                if (i, m.label) in maps:
+                    sheet.paste(Image.fromarray(maps[(i, m.label)]).resize((cell, cell)), (220 + (j + 1) * cell, y))
+                    draw.text(
+                        (222 + (j + 1) * cell, y + cell - 14), r.preds[m.label][0][0], fill=(255, 255, 255), font=font
+                    )
+        page = k // GRID_PANELS + 1
+        path = out / ("explanation_grid.png" if page == 1 else f"explanation_grid_{page}.png")
+        tmp = path.with_name(path.name + ".tmp.png")
+        sheet.save(tmp)
+        tmp.replace(path)
+        pages.append(path)
+    return pages
+
+
+def summary_lines(p: Prediction) -> list[str]:
+    """What the CLI prints after a prediction: accuracy with its interval where labels are known, flags."""
+    out = []
+    for m in p.models:
+        right, n = p.accuracy[m.label]
+        if n:
+            lo, hi = wilson(right, n)
+            out.append(
+                f"{m.label}: accuracy {right / n:.3f} (95% CI {lo:.3f}-{hi:.3f}; {right} of {n} labelled inputs right)"
+            )
+        if p.unusual[m.label]:
+            out.append(
+                f"{m.label}: {p.unusual[m.label]} of {sum(m.label in r.preds for r in p.rows)} predictions flagged as "
+                "unlike its training data (column *_unusual); treat them with caution"
+            )
+    return out

@@ -10,7 +10,6 @@ test images supports it.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
@@ -29,7 +28,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ferlab.data import BadImage, Preprocess, decode  # noqa: E402
 from ferlab.errors import FerlabError  # noqa: E402
-from ferlab.evaluate import save_figure  # noqa: E402
+from ferlab.files import read_csv, save_figure  # noqa: E402
+from ferlab.stats import holm, mcnemar_exact  # noqa: E402
 
 SECTIONS = (
     "Findings",
@@ -42,22 +42,6 @@ SECTIONS = (
 )
 ALPHA = 0.05
 PRECISION = {"32": "fp32", "bf16-mixed": "bf16 mixed precision", "16-mixed": "fp16 mixed precision"}
-
-
-def mcnemar_exact(a_right: list[bool], b_right: list[bool]) -> tuple[int, int, float]:
-    """(A right & B wrong, A wrong & B right, two-sided exact p) on paired predictions."""
-    b = sum(x and not y for x, y in zip(a_right, b_right))
-    c = sum(y and not x for x, y in zip(a_right, b_right))
-    n = b + c
-    if n == 0:
-        return b, c, 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
-    return b, c, min(1.0, 2 * tail)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ------------------------------------------------------------------------------------------ document blocks
@@ -219,6 +203,46 @@ def thumbnails(
     os.replace(tmp, path)
 
 
+def wrong_heatmaps(checkpoint: Path, wrong: list[dict], path: Path, side: int = 96) -> bool:
+    """Rows of (image as the model saw it, Grad-CAM for the predicted class, for the true class); False when the
+    model cannot be loaded or explained (the gallery above still stands)."""
+    if not wrong or not checkpoint.is_file():
+        return False
+    from ferlab.errors import FerlabError as _Error
+    from ferlab.explain import heatmaps, overlay
+    from ferlab.inference import load_model
+
+    try:
+        model = load_model(checkpoint)
+        crops, keep = [], []
+        for r in wrong:
+            try:
+                crops.append(decode(r["file"], model.pre)[0].image)
+                keep.append(r)
+            except (BadImage, OSError):
+                continue
+        if not crops:
+            return False
+        idx = model.classes.index
+        pred = heatmaps(model, crops, [idx(r["predicted"]) for r in keep])
+        true = heatmaps(model, crops, [idx(r["true"]) for r in keep])
+    except (_Error, KeyError, ValueError, RuntimeError):
+        return False
+    cols = 2  # two triples per row
+    cell_w, cell_h = 3 * side + 16, side + 22
+    sheet = Image.new("RGB", (cols * cell_w, math.ceil(len(keep) / cols) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (r, crop, hp, ht) in enumerate(zip(keep, crops, pred, true)):
+        x, y = (k % cols) * cell_w + 4, (k // cols) * cell_h + 2
+        for j, im in enumerate((crop, overlay(crop, hp), overlay(crop, ht))):
+            sheet.paste(Image.fromarray(im).resize((side, side)), (x + j * side, y))
+        draw.text((x, y + side + 3), f"pred {r['predicted']} | true {r['true']}"[:40], fill=(200, 0, 0), font=_font())
+    tmp = path.with_name(path.name + ".tmp.png")
+    sheet.save(tmp)
+    os.replace(tmp, path)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -226,11 +250,37 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def status_note(run: Path) -> str | None:
+    """A sentence for a run folder that did not finish, from its status.json."""
+    path = run / "status.json"
+    if not path.is_file():
+        return None
+    status = json.loads(path.read_text())
+    if status.get("state") == "incomplete":
+        return (
+            f'This run is incomplete: it stopped with "{status.get("reason", "?")}". Continue it with '
+            f"{status.get('resume', f'ferlab run --resume {run}')}; what is reported here is what had finished."
+        )
+    if status.get("state") == "running":
+        return (
+            "This run had not finished when this report was written (or was killed); "
+            f"ferlab run --resume {run} continues it."
+        )
+    return None
+
+
 def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Path(run_dir)
+    if (run / "cv_summary.csv").is_file():
+        return build_cv_report(run)
     if not (run / "test_accuracy_comparison.csv").is_file():
+        note = status_note(run)
+        if note:
+            raise FerlabError(f"{run} has no finished study to report on yet. {note}")
         raise FerlabError(f"{run} is not a finished ferlab run folder (no test_accuracy_comparison.csv).")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    # a fold of a cross-validation has its settings in the run folder above it
+    config = next((d / "config.yaml" for d in (run, *run.parents[:2]) if (d / "config.yaml").is_file()), None)
+    cfg = yaml.safe_load(config.read_text()) if config else {}
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     comparison = read_csv(run / "test_accuracy_comparison.csv")
     models = [r["model"] for r in comparison]
@@ -238,10 +288,12 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         raise FerlabError(f"{run} holds no trained models to report on.")
     files = run / "report_files"
     files.mkdir(exist_ok=True)
-    pre = Preprocess(
-        cfg["data"]["image_size"], cfg["data"]["face_crop"], cfg["data"]["face_margin"], cfg["data"]["max_pixels"]
-    )
-    ds = cfg["dataset"]
+    ds = json.loads((run / "dataset.json").read_text()) if (run / "dataset.json").is_file() else cfg["dataset"]
+    if "preprocess" in ds:
+        pre = Preprocess(**ds["preprocess"])
+    else:  # run folders from before dataset.json
+        d = cfg["data"]
+        pre = Preprocess(d["image_size"], d["face_crop"], d["face_margin"], d["max_pixels"])
     classes = ds["classes"]
     m = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
     epochs = {name: read_csv(run / name / "epochs.csv") for name in models}
@@ -258,34 +310,51 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
             pa = {r["file"]: r["predicted"] for r in preds[a]}
             n_ab, n_ba, p = mcnemar_exact([pa[f] == truth[f] for f in shared], [pb[f] == truth[f] for f in shared])
             pairs.append((a, b, n_ab, n_ba, p, len(shared)))
+    adjusted = holm([p for *_, p, _ in pairs])  # several pairs: the family-wise error held at ALPHA
 
     # ---- findings, written from the numbers
     doc.h2("Findings")
+    note = status_note(run)
+    if note:
+        doc.p(note)
     ranked = sorted(models, key=lambda n: -m[n]["accuracy"])
     best = ranked[0]
     facts = [
         f"Best test accuracy: {best}, {pct(m[best]['accuracy'])} (95% CI {pct(m[best]['ci95'][0])}-"
         f"{pct(m[best]['ci95'][1])}, n={m[best]['n']}), macro-F1 {m[best]['macro_f1']:.3f}."
     ]
-    for a, b, n_ab, n_ba, p, n in pairs:
+    for (a, b, n_ab, n_ba, p, n), adj in zip(pairs, adjusted):
         hi, lo = (a, b) if m[a]["accuracy"] >= m[b]["accuracy"] else (b, a)
         diff = m[hi]["accuracy"] - m[lo]["accuracy"]
         verdict = (
             f"significant at {ALPHA}: {hi} is better on this test set"
-            if p < ALPHA
+            if adj < ALPHA
             else f"not significant at {ALPHA}: these {n} test images do not show that {hi} is better"
         )
+        corrected = f", Holm-corrected over {len(pairs)} pairs p = {adj:.3g}" if len(pairs) > 1 else ""
         facts.append(
             f"{hi} vs {lo}: {100 * diff:+.1f} points; they disagree on {n_ab + n_ba} images "
-            f"({a} alone right on {n_ab}, {b} alone right on {n_ba}); McNemar exact p = {p:.3g}, {verdict}."
+            f"({a} alone right on {n_ab}, {b} alone right on {n_ba}); McNemar exact p = {p:.3g}{corrected}, {verdict}."
         )
-    gaps = {n: float(r["train_acc"]) - float(r["val_acc"]) for n, r in zip(models, comparison)}
+    # the fair gap: the training split in eval mode with the chosen weights (runs before it only had the epoch
+    # table's running accuracy, with dropout and augmentation on, which is not comparable)
+    fair = all(r.get("train_acc_eval") not in (None, "") for r in comparison)
+    gaps = {
+        n: float(r["train_acc_eval" if fair else "train_acc"]) - float(r["val_acc"]) for n, r in zip(models, comparison)
+    }
     for n, r in zip(models, comparison):
-        facts.append(
-            f"{n}: at the chosen epoch {r['best_epoch']} of {r['epochs_run']}, training accuracy "
-            f"{pct(float(r['train_acc']))} vs validation {pct(float(r['val_acc']))}: an overfitting gap of "
-            f"{100 * gaps[n]:.1f} points."
-        )
+        if fair:
+            facts.append(
+                f"{n}: with the weights of the chosen epoch {r['best_epoch']} of {r['epochs_run']}, accuracy on its "
+                f"own training images (eval mode) {pct(float(r['train_acc_eval']))} vs validation "
+                f"{pct(float(r['val_acc']))}: an overfitting gap of {100 * gaps[n]:.1f} points."
+            )
+        else:
+            facts.append(
+                f"{n}: at the chosen epoch {r['best_epoch']} of {r['epochs_run']}, running training accuracy "
+                f"(dropout and augmentation on) {pct(float(r['train_acc']))} vs validation {pct(float(r['val_acc']))}: "
+                f"a gap of {100 * gaps[n]:.1f} points, not a fair measure of overfitting."
+            )
     if len(models) > 1:
         worst_gap = max(gaps, key=gaps.get)
         facts.append(f"The largest overfitting gap is {worst_gap}'s ({100 * gaps[worst_gap]:.1f} points).")
@@ -350,6 +419,8 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         doc.h3(n)
         secs = info.get("fit_seconds", {}).get(n, m[n].get("fit_seconds"))
         precision = PRECISION.get(m[n].get("precision", "32"), m[n].get("precision"))
+        if m[n].get("precision_note"):
+            precision += "; " + m[n]["precision_note"]
         doc.p(
             f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({precision}); "
             f"early stopping chose epoch {r['best_epoch']} (validation accuracy {pct(float(r['val_acc']))})."
@@ -364,7 +435,18 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     # ---- comparison
     doc.h2("Comparison")
     doc.table(
-        ["model", "parameters", "epochs run", "best epoch", "train acc", "val acc", "test acc", "95% CI", "n"],
+        [
+            "model",
+            "parameters",
+            "epochs run",
+            "best epoch",
+            "train acc (running)",
+            "train acc (eval)",
+            "val acc",
+            "test acc",
+            "95% CI",
+            "n",
+        ],
         [
             [
                 r["model"],
@@ -372,6 +454,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
                 r["epochs_run"],
                 r["best_epoch"],
                 r["train_acc"],
+                r.get("train_acc_eval") or "-",
                 r["val_acc"],
                 r["test_acc"],
                 f"{r['test_ci95_low']}-{r['test_ci95_high']}",
@@ -381,10 +464,24 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         ],
     )
     if pairs:
-        doc.p("Pairwise McNemar exact tests on the shared test images (two-sided):")
+        doc.p(
+            "Pairwise McNemar exact tests on the shared test images (two-sided), Holm-corrected for the number of "
+            "pairs:"
+        )
         doc.table(
-            ["model A", "model B", "A right, B wrong", "A wrong, B right", "p-value", f"significant at {ALPHA}"],
-            [[a, b, x, y, f"{p:.3g}", "yes" if p < ALPHA else "no"] for a, b, x, y, p, _ in pairs],
+            [
+                "model A",
+                "model B",
+                "A right, B wrong",
+                "A wrong, B right",
+                "p-value",
+                "Holm p",
+                f"significant at {ALPHA}",
+            ],
+            [
+                [a, b, x, y, f"{p:.3g}", f"{adj:.3g}", "yes" if adj < ALPHA else "no"]
+                for (a, b, x, y, p, _), adj in zip(pairs, adjusted)
+            ],
         )
 
     # ---- per class
@@ -422,6 +519,11 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
                 files / f"wrong-{n}.png",
             )
             doc.img(files / f"wrong-{n}.png", f"{n}: misclassified test images (first {min(24, len(wrong))})")
+            if wrong_heatmaps(run / n / "model.ckpt", wrong[:12], files / f"wrong-heat-{n}.png"):
+                doc.img(
+                    files / f"wrong-heat-{n}.png",
+                    f"{n}: where it looked (Grad-CAM), for the predicted class (middle) and the true class (right)",
+                )
 
     # ---- predictions
     doc.h2("Predictions on new images")
@@ -434,6 +536,12 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
             for r in rows:
                 r["filename"] = os.path.relpath(r["filename"], folder)
         doc.table(list(rows[0]), [list(r.values()) for r in rows[:60]])
+        for col in (c for c in rows[0] if c.endswith("_unusual")):
+            flagged = sum(bool(r[col]) for r in rows)
+            doc.p(
+                f"{col.removesuffix('_unusual')}: {flagged} of {len(rows)} predictions flagged as unlike the model's "
+                "training data (column " + col + ")" + ("; treat them with caution." if flagged else ".")
+            )
         doc.img(
             run / "predictions" / "prediction_grid.png",
             "New images with each model's prediction (green: right, red: wrong, black: truth unknown)",
@@ -441,10 +549,149 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     else:
         doc.p("This run predicted no new images (ferlab run ... --predict-dir DIR adds them).")
 
-    title = f"ferlab study report: {run.name}"
+    return write_report(doc, f"ferlab study report: {run.name}", run)
+
+
+def write_report(doc: Doc, title: str, run: Path) -> tuple[Path, Path]:
     html_path, md_path = run / "report.html", run / "report.md"
     for path, text in ((html_path, doc.html(title)), (md_path, doc.markdown(title, run))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
     return html_path, md_path
+
+
+# ---------------------------------------------------------------------------------------- cross-validation
+
+
+def plot_folds(per_fold: dict[str, list[float]], title: str, path: Path) -> None:
+    """One row per model: each fold's test accuracy as a dot, the mean as a bar."""
+    models = list(per_fold)
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(models) + 1.4))
+    for i, m in enumerate(models):
+        vals = per_fold[m]
+        ax.scatter(vals, [i] * len(vals), s=36, alpha=0.75, zorder=3)
+        ax.plot([np.mean(vals)] * 2, [i - 0.3, i + 0.3], color="black", linewidth=2)
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("test accuracy per fold (dots) and mean (bar)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylim(-0.6, len(models) - 0.4)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def build_cv_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """The cross-validation run's report: the summary, the pairwise verdicts, per-fold dots, pooled confusions."""
+    from ferlab.evaluate import plot_confusion
+
+    run = Path(run_dir)
+    summary = read_csv(run / "cv_summary.csv")
+    pairs = read_csv(run / "cv_pairs.csv")
+    cv = json.loads((run / "cv.json").read_text())
+    files = run / "report_files"
+    files.mkdir(exist_ok=True)
+    doc = Doc(files)
+    doc.h2("Findings")
+    note = status_note(run)
+    if note:
+        doc.p(note)
+    k, seeds = cv["folds"], cv["seeds"]
+    doc.ul(
+        [
+            f"{r['model']}: mean test accuracy {pct(float(r['mean_test_acc']))} over {r['folds']} folds"
+            + (f" (95% CI {pct(float(r['ci95_low']))}-{pct(float(r['ci95_high']))})" if r["ci95_low"] else "")
+            + f", fold-to-fold standard deviation {100 * float(r['sd_across_folds']):.1f} points"
+            + (f", seed-to-seed {100 * float(r['mean_sd_across_seeds']):.1f}" if len(seeds) > 1 else "")
+            + f"; pooled out-of-fold {pct(float(r['pooled_acc']))} (Wilson 95% "
+            f"{pct(float(r['pooled_ci95_low']))}-{pct(float(r['pooled_ci95_high']))}, n={r['pooled_n']})."
+            for r in summary
+        ]
+        + [r["verdict"][0].upper() + r["verdict"][1:] + "." for r in pairs]
+    )
+    doc.h2("Cross-validation")
+    doc.p(
+        (f"{k}-fold cross-validation: every group in exactly one test fold" if k else "One split")
+        + (f", {len(seeds)} training seeds per fold ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "")
+        + ". Each fold is a complete study in its own folder, with its own report."
+    )
+    doc.table(
+        [
+            "model",
+            "folds",
+            "mean val acc",
+            "mean test acc",
+            "sd across folds",
+            "95% CI of the mean",
+            "sd across seeds",
+            "pooled acc",
+            "pooled 95% CI",
+            "n",
+        ],
+        [
+            [
+                r["model"],
+                r["folds"],
+                r.get("mean_val_acc", "-"),
+                r["mean_test_acc"],
+                r["sd_across_folds"],
+                f"{r['ci95_low']}-{r['ci95_high']}" if r["ci95_low"] else "-",
+                r["mean_sd_across_seeds"] if len(seeds) > 1 else "-",
+                r["pooled_acc"],
+                f"{r['pooled_ci95_low']}-{r['pooled_ci95_high']}",
+                r["pooled_n"],
+            ]
+            for r in summary
+        ],
+    )
+    if pairs:
+        doc.p(
+            "Pairs: per-fold differences of test accuracy (A minus B) with their mean and t-interval, and an exact "
+            "McNemar test on the pooled out-of-fold predictions of the first seed, Holm-corrected across the pairs."
+        )
+        doc.table(
+            [
+                "model A",
+                "model B",
+                "per-fold differences",
+                "mean",
+                "95% CI",
+                "A right, B wrong",
+                "A wrong, B right",
+                "p",
+                "Holm p",
+                "verdict",
+            ],
+            [
+                [
+                    r["model_a"],
+                    r["model_b"],
+                    r["fold_differences"],
+                    r["mean_difference"],
+                    f"{r['diff_ci95_low']}-{r['diff_ci95_high']}" if r["diff_ci95_low"] else "-",
+                    r["a_right_b_wrong"],
+                    r["a_wrong_b_right"],
+                    f"{float(r['mcnemar_p']):.3g}",
+                    f"{float(r['holm_p']):.3g}",
+                    r["verdict"],
+                ]
+                for r in pairs
+            ],
+        )
+    plot_folds(cv["per_fold"], "test accuracy per fold", files / "cv-folds.png")
+    doc.img(files / "cv-folds.png", "Test accuracy of each model on each fold (mean over seeds) and the mean")
+    units = sorted(run.glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) or [run]
+    seed_dirs = [u / f"seed-{seeds[0]}" if (u / f"seed-{seeds[0]}").is_dir() else u for u in units]
+    classes = json.loads((seed_dirs[0] / "dataset.json").read_text())["classes"]
+    for r in summary:
+        conf = np.zeros((len(classes), len(classes)), int)
+        for u in seed_dirs:
+            for row in read_csv(u / r["model"] / "predictions.csv"):
+                conf[classes.index(row["true"]), classes.index(row["predicted"])] += 1
+        path = files / f"cv-confusion-{r['model']}.png"
+        plot_confusion(conf.tolist(), classes, f"{r['model']}: pooled out-of-fold (n={conf.sum()})", path)
+        doc.img(path, f"{r['model']}: confusion matrix pooled over the folds' test images (first seed)")
+    doc.h2("Folds")
+    studies = [u for d in units for u in ([d] if (d / "report.html").is_file() else sorted(d.glob("seed-*")))]
+    doc.ul([f"{u.relative_to(run)}/report.html" for u in studies])
+    return write_report(doc, f"ferlab cross-validation report: {run.name}", run)

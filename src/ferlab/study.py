@@ -1,38 +1,47 @@
-"""The study: train every model on one split, evaluate each once on test, write the comparison.
+"""The study: train every model on one split (or on each fold of a cross-validation), test each once, compare.
 
     >>> from ferlab.config import StudyConfig, merge
     >>> cfg = merge(StudyConfig(), {"data": {"data": "../shared/datasets/ckplus48"}})   # doctest: +SKIP
     >>> run_dir = run_study(cfg, argv=["ferlab", "run"])                              # doctest: +SKIP
 
-Run folder (``runs/<timestamp>-<name>/``): config.yaml, command.txt, manifest.csv, skipped_files.csv,
-test_accuracy_comparison.csv, the original study's <label>_accuracy.csv files, and one folder per model
-with summary.txt, epochs.csv, metrics.json, per_class.csv, confusion_matrix.{csv,png}, predictions.csv and
-model.ckpt (a model card: it rebuilds the model and its preprocessing alone).
+Run folder (``runs/<timestamp>-<name>/``): config.yaml (the resolved settings: ``--config`` re-runs it),
+dataset.json, command.txt, status.json, manifest.csv, skipped_files.csv, test_accuracy_comparison.csv, the
+original study's <label>_accuracy.csv files, and one folder per model with summary.txt, epochs.csv,
+metrics.json, per_class.csv, confusion_matrix.{csv,png}, reliability.png, predictions.csv and model.ckpt
+(a model card: it rebuilds the model and its preprocessing alone). With ``--folds K`` (and ``--seeds``) each
+fold (and seed) is such a study in ``fold-<k>/`` (``fold-<k>/seed-<s>/``), and the run folder adds
+cv_summary.csv, cv_pairs.csv and the cross-validation section of the report.
+
+While a model trains, its folder holds ``training-state/`` (written after every epoch): ``ferlab run --resume
+RUN_DIR`` continues a run that was killed, without retraining what finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import yaml
 
-from ferlab import demo
+from ferlab import demo, ood
 from ferlab.checkpoint import save_checkpoint
-from ferlab.config import StudyConfig, to_dict
-from ferlab.data import Data, load_data, write_csv, write_manifest
+from ferlab.config import StudyConfig, merge, to_dict
+from ferlab.data import Data, load_data, write_manifest
 from ferlab.errors import FerlabError
-from ferlab.evaluate import score_and_record
+from ferlab.evaluate import calibration, digests, score_and_record
+from ferlab.files import read_csv, unique_dir, write_csv, write_text
+from ferlab.inference import keep_freed_memory, run_batches
 from ferlab.models import REGISTRY, STUDY, Net, create_model
 from ferlab.summary import param_counts, summarize
-from ferlab.train import FitResult, fit_model
+from ferlab.train import FitResult, fit_model, is_distributed, is_rank_zero
 
 COMPARISON_COLUMNS = [
     "model",
@@ -40,6 +49,7 @@ COMPARISON_COLUMNS = [
     "epochs_run",
     "best_epoch",
     "train_acc",
+    "train_acc_eval",
     "val_acc",
     "test_acc",
     "test_ci95_low",
@@ -47,69 +57,147 @@ COMPARISON_COLUMNS = [
     "n_test",
 ]
 EPOCH_COLUMNS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+# settings that change how a run looks, not what it computes: a resumed run may differ in them
+NOT_COMPARED = {"train.progress", "keep_checkpoints", "predict_dir"}
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if is_rank_zero():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def warn(msg: str) -> None:
     say(f"ferlab: warning: {msg}")
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------------ settings checks
 
 
-def open_data(cfg: StudyConfig) -> Data:
+def check_config(cfg: StudyConfig, models: list[str]) -> None:
+    """Every setting that cannot work, refused in one sentence before any data is read or model trained."""
+    t, d = cfg.train, cfg.data
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise FerlabError(msg)
+
+    for m in models:
+        need(m in REGISTRY, f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
+    need(len(set(models)) == len(models), f"--models names a model twice: {' '.join(models)}.")
+    need(t.max_epochs >= 1, f"--max-epochs must be at least 1, got {t.max_epochs}.")
+    need(t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}.")
+    need(t.patience >= 0, f"--patience must be 0 (never stop early) or more, got {t.patience}.")
+    need(
+        t.lr > 0 and t.fine_tune_lr > 0,
+        f"learning rates must be positive, got --lr {t.lr} --fine-tune-lr {t.fine_tune_lr}.",
+    )
+    need(t.weight_decay >= 0, f"--weight-decay must not be negative, got {t.weight_decay}.")
+    need(0 <= t.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {t.label_smoothing}.")
+    need(0 <= t.erase <= 1, f"--erase is a probability in [0, 1], got {t.erase}.")
+    need(0 <= t.rotate <= 180, f"--rotate must be 0-180 degrees, got {t.rotate}.")
+    for name, v in (("shift", t.shift), ("zoom", t.zoom), ("jitter", t.jitter)):
+        need(0 <= v < 1, f"--{name} must be in [0, 1), got {v}.")
+    need(t.fine_tune_layers >= 0, f"--fine-tune-layers must not be negative, got {t.fine_tune_layers}.")
+    need(t.num_nodes >= 1, f"--num-nodes must be at least 1, got {t.num_nodes}.")
+    devices = str(t.devices)
+    need(
+        devices in ("auto", "-1") or all(p.strip().isdigit() for p in devices.split(",")) and devices != "0",
+        f"--devices must be auto, a positive count or a comma-separated list of device ids, got '{devices}'.",
+    )
+    if t.accelerator in ("gpu", "cuda"):
+        need(
+            torch.cuda.is_available(),
+            f"--accelerator {t.accelerator} asks for a GPU, but this machine has no CUDA device.",
+        )
+    split = d.split
+    need(len(split) == 3, f"--split needs three fractions (train val test), got {len(split)}.")
+    need(min(split) >= 0, f"--split fractions must not be negative, got {' '.join(map(str, split))}.")
+    need(
+        abs(sum(split) - 1) < 1e-6,
+        f"--split fractions must add up to 1, got {' '.join(map(str, split))} = {sum(split):g}.",
+    )
+    need(
+        split[0] > 0 and split[1] > 0,
+        "--split needs a training and a validation share above 0 (validation picks the epoch).",
+    )
+    need(
+        split[0] >= split[1] and split[0] >= split[2],
+        f"--split gives training {split[0]:g}, less than validation {split[1]:g} or test {split[2]:g}; "
+        "training should be the largest share.",
+    )
+    need(d.image_size >= 8, f"--image-size must be at least 8 pixels, got {d.image_size}.")
+    need(d.max_pixels >= 1, f"--max-pixels must be positive, got {d.max_pixels}.")
+    need(0 <= d.face_margin <= 1, f"--face-margin must be 0-1 (a fraction of the face box), got {d.face_margin}.")
+    need(
+        t.backbone_size == 0 or t.backbone_size >= 32,
+        f"--backbone-size must be 0 or at least 32, got {t.backbone_size}.",
+    )
+    for m in models:
+        spec = REGISTRY[m]
+        side = (t.backbone_size or d.image_size) if spec.transfer else d.image_size
+        need(
+            side >= spec.min_size,
+            f"{m} needs an input of at least {spec.min_size}x{spec.min_size} pixels"
+            + (" at its backbone" if spec.transfer else "")
+            + f", but would get {side}x{side}; raise --image-size"
+            + (" or --backbone-size" if spec.transfer else "")
+            + ".",
+        )
+    need(cfg.folds == 0 or cfg.folds >= 2, f"--folds must be 0 (one split) or at least 2, got {cfg.folds}.")
+    need(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds names a seed twice: {' '.join(map(str, cfg.seeds))}.")
+
+
+def differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """``key: run has A, given B`` for every setting that differs (the NOT_COMPARED ones aside)."""
+    out = []
+    for key in sorted(set(saved) | set(given)):
+        where = f"{prefix}{key}"
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{where}.")
+        elif a != b and where not in NOT_COMPARED:
+            out.append(f"{where}: the run has {a!r}, given {b!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def open_data(cfg: StudyConfig, fold: tuple[int, int] | None = None) -> Data:
     if cfg.data.data is None:
-        say(f"ferlab: no data folder given: using the {demo.DESCRIPTION}")
+        if fold is None or fold[0] == 0:
+            say(f"ferlab: no data folder given: using the {demo.DESCRIPTION}")
         data_cfg = type(cfg.data)(**{**to_dict(cfg.data), "data": str(demo.demo_dataset())})
-        return load_data(data_cfg, cfg.train.seed, description=demo.DESCRIPTION)
-    return load_data(cfg.data, cfg.train.seed)
+        return load_data(data_cfg, cfg.train.seed, description=demo.DESCRIPTION, fold=fold)
+    return load_data(cfg.data, cfg.train.seed, fold=fold)
 
 
-def new_run_dir(cfg: StudyConfig, suffix: str = "") -> Path:
-    name = cfg.name or (Path(cfg.data.data).name if cfg.data.data else "demo-synthetic")
-    base = Path(cfg.out) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}{suffix}"
-    run_dir, n = base, 1
-    while True:
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
-        except OSError as e:
-            raise FerlabError(f"Cannot create the run folder {run_dir} ({e.strerror}); choose another --out.") from None
-
-
-def record_run(run_dir: Path, cfg: StudyConfig, data: Data, argv: list[str]) -> None:
-    resolved = to_dict(cfg)
-    resolved["dataset"] = {
+def dataset_record(data: Data) -> dict:
+    """What the data turned out to be: written beside the config (dataset.json), not into it, so a run's
+    config.yaml can be passed back to --config."""
+    return {
         "description": data.description,
         "split_method": data.split_method,
         "classes": data.classes,
         "counts": data.counts(),
         "skipped_files": len(data.skipped),
+        "preprocess": dataclasses.asdict(data.pre),
     }
-    write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    write_text(run_dir / "command.txt", shlex.join(argv) + "\n")
-    write_manifest(data, run_dir / "manifest.csv")
-    write_csv(run_dir / "skipped_files.csv", [{"file": f, "reason": r} for f, r in data.skipped], ["file", "reason"])
-    n = sum(len(s) for s in data.splits.values())
-    if data.skipped:
-        warn(
-            f"skipped {len(data.skipped)} of {n + len(data.skipped)} files that cannot be used "
-            f"(reasons in {run_dir / 'skipped_files.csv'})"
-        )
-    counts = ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
-    say(
-        f"ferlab: {data.description}: {len(data.classes)} classes ({', '.join(data.classes)}); {counts}; "
-        f"{data.split_method}"
-    )
+
+
+def record_split(out: Path, data: Data) -> None:
+    write_text(out / "dataset.json", json.dumps(dataset_record(data), indent=1))
+    write_manifest(data, out / "manifest.csv")
+    write_csv(out / "skipped_files.csv", [{"file": f, "reason": r} for f, r in data.skipped], ["file", "reason"])
+
+
+def set_status(run_dir: Path, state: str, **facts: object) -> None:
+    """status.json: running, finished, or incomplete (with the reason); ``ferlab report`` and ``--resume`` read it."""
+    if is_rank_zero():
+        write_text(run_dir / "status.json", json.dumps({"state": state, **facts}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- one model
 
 
 @dataclass
@@ -119,19 +207,63 @@ class Trained:
     fit: FitResult
 
 
-def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: Path) -> Trained:
-    """Train one model into ``run_dir/name``; test once, on its best-validation weights."""
-    out = run_dir / name
-    out.mkdir(exist_ok=True)
-    write_text(out / "summary.txt", summarize(net, data.pre.image_size, name) + "\n")
-    say(f"ferlab: training {name} ({param_counts(net)[0]:,} parameters)")
-    fit = fit_model(name, net, data, cfg.train)
+def finished(out: Path) -> Trained | None:
+    """A model that finished in an earlier (interrupted) run of this folder: read back, not retrained."""
+    name = out.name
+    if not ((out / "model.ckpt").is_file() and (out / "metrics.json").is_file() and (out / "row.json").is_file()):
+        return None
+    m = json.loads((out / "metrics.json").read_text())
+    epochs = [
+        {k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in e.items()}
+        for e in read_csv(out / "epochs.csv")
+    ]
+    fit = FitResult(
+        epochs=epochs,
+        best_epoch=m["best_epoch"],
+        best_val_acc=m["val_acc"],
+        train_acc=m["train_acc"],
+        seconds=m["fit_seconds"],
+        precision=m.get("precision", "32"),
+        precision_note=m.get("precision_note", ""),
+    )
+    return Trained(name, json.loads((out / "row.json").read_text()), fit)
+
+
+def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir: Path) -> Trained | None:
+    """Train one model into ``split_dir/name`` (continuing its saved training state, if any); test it once, on
+    its best-validation weights. Ranks other than 0 of a multi-process run only train (None)."""
+    out = split_dir / name
+    if is_rank_zero():
+        out.mkdir(exist_ok=True)
+        write_text(out / "summary.txt", summarize(net, data.pre.image_size, name) + "\n")
+        say(f"ferlab: training {name} ({param_counts(net)[0]:,} parameters)")
+    state_dir = out / "training-state"
+    keep_freed_memory()
+    fit = fit_model(name, net, data, cfg.train, state_dir)
+    if not is_rank_zero():
+        return None
     write_csv(out / "epochs.csv", fit.epochs, EPOCH_COLUMNS)
 
-    test = data.splits["test"]
+    # calibration and the out-of-distribution statistics come from the validation split, as the epoch did
+    train, val, test = data.splits["train"], data.splits["val"], data.splits["test"]
+    val_logits = run_batches(net, val.images)
+    calib = calibration(val_logits, val.labels)
+    t = calib["temperature"]
+    say(
+        f"ferlab: {name}: temperature {t:.3f} fitted on validation: expected calibration error "
+        f"{calib['val_ece_before']:.3f} -> {calib['val_ece_after']:.3f}"
+    )
+    unusual = ood.fit(
+        list(train.images.permute(0, 2, 3, 1).numpy()),
+        list(val.images.permute(0, 2, 3, 1).numpy()),
+        (val_logits / t).softmax(1),
+        seed=cfg.train.seed,
+    )
+    # the overfitting gap, measured fairly: the training split in eval mode with the chosen weights (the
+    # epoch table's training accuracy ran with dropout and augmentation on, and over a moving model)
+    train_acc_eval = float((run_batches(net, train.images).argmax(1) == train.labels).float().mean())
     m = score_and_record(
-        net,
-        test.images,
+        (run_batches(net, test.images) / t).softmax(1),
         test.labels,
         test.files,
         data.classes,
@@ -142,21 +274,39 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: P
         epochs_run=len(fit.epochs),
         fit_seconds=round(fit.seconds, 2),
         precision=fit.precision,
+        precision_note=fit.precision_note,
         train_acc=fit.train_acc,
+        train_acc_eval=round(train_acc_eval, 6),
         val_acc=fit.best_val_acc,
+        temperature=t,
     )
     card = {
-        "data": {"description": data.description, "split_method": data.split_method, "counts": data.counts()},
+        "data": {
+            "description": data.description,
+            "split_method": data.split_method,
+            "counts": data.counts(),
+            "train_digests": digests(train.files),
+            "val_digests": digests(val.files),
+        },
         "training": {
             "best_epoch": fit.best_epoch,
             "epochs_run": len(fit.epochs),
             "val_acc": fit.best_val_acc,
             "train_acc": fit.train_acc,
+            "train_acc_eval": train_acc_eval,
             "seconds": round(fit.seconds, 2),
+            "precision": fit.precision,
+            "precision_note": fit.precision_note,
             "config": to_dict(cfg.train),
         },
-        "test_metrics": {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1")},
+        "calibration": calib,
+        "ood": unusual,
+        "test_metrics": {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")},
     }
+    if "FER2013" in data.description.upper():
+        from ferlab.cards import FER2013_LICENSE
+
+        card["license"] = FER2013_LICENSE
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
     row = {
         "model": name,
@@ -164,12 +314,16 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, run_dir: P
         "epochs_run": len(fit.epochs),
         "best_epoch": fit.best_epoch,
         "train_acc": round(fit.train_acc, 4),
+        "train_acc_eval": round(train_acc_eval, 4),
         "val_acc": round(fit.best_val_acc, 4),
         "test_acc": round(m["accuracy"], 4),
         "test_ci95_low": round(m["ci95"][0], 4),
         "test_ci95_high": round(m["ci95"][1], 4),
         "n_test": m["n"],
     }
+    write_text(out / "row.json", json.dumps(row))  # last: its presence marks the model finished
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(state_dir, ignore_errors=True)
     say(
         f"ferlab: {name}: test accuracy {m['accuracy']:.3f} (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
         f"n={m['n']}), best epoch {fit.best_epoch} of {len(fit.epochs)}, {fit.seconds:.0f} s"
@@ -186,14 +340,12 @@ def predict_new_images(folder: str, done: list[Trained], run_dir: Path) -> None:
     chosen = [max(scratch, key=lambda t: t.fit.best_val_acc)] if scratch else []
     chosen += [t for t in done if REGISTRY[t.name].transfer]
     try:
-        rows, skipped = run_predict(
-            [str(run_dir / t.name / "model.ckpt") for t in chosen], [folder], run_dir / "predictions"
-        )
+        p = run_predict([str(run_dir / t.name / "model.ckpt") for t in chosen], [folder], run_dir / "predictions")
     except FerlabError as e:  # the trained models stay; only this last step is missing
         warn(f"no predictions on new images: {e}")
         return
     say(
-        f"ferlab: predicted {len(rows)} new images with {', '.join(t.name for t in chosen)} "
+        f"ferlab: predicted {len(p.rows)} new images with {', '.join(t.name for t in chosen)} "
         f"({run_dir / 'predictions' / 'prediction_results.csv'})"
     )
 
@@ -206,42 +358,39 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None) -> Path:
-    """Train and compare ``models`` (default: the study's three); returns the run folder."""
-    t0 = time.perf_counter()
-    models = models or cfg.models or list(STUDY)
-    for m in models:
-        if m not in REGISTRY:
-            raise FerlabError(f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
-    if cfg.predict_dir:  # a typo here should not surface only after the training
-        from ferlab.predict import expand_inputs
+# ----------------------------------------------------------------------------------------------- one split
 
-        expand_inputs([cfg.predict_dir])
-    data = open_data(cfg)
-    nets: dict[str, Net] = {}
-    left_out: list[dict] = []
-    for name in models:  # weights are fetched before any run folder exists: a failed start leaves nothing
-        try:
-            torch.manual_seed(cfg.train.seed)  # initial weights are part of what one seed reproduces
-            nets[name] = create_model(
-                name, len(data.classes), data.pre.image_size, cfg.train.weights, cfg.train.backbone_size
-            )
-        except FerlabError as e:
-            if len(models) == 1 or not REGISTRY[name].transfer:
-                raise
-            # the rest of the study still stands without a transfer model whose weights cannot be had
-            warn(f"{name} left out of this study: {e}")
-            left_out.append({"model": name, "reason": str(e)})
-    run_dir = new_run_dir(cfg, "" if len(models) > 1 else f"-{models[0]}")
-    record_run(run_dir, cfg, data, argv)
-    done = [train_and_test(name, net, data, cfg, run_dir) for name, net in nets.items()]
+
+def build(name: str, data: Data, cfg: StudyConfig, seed: int) -> Net:
+    torch.manual_seed(seed)  # initial weights are part of what one seed reproduces
+    return create_model(
+        name, len(data.classes), data.pre.image_size, cfg.train.weights, cfg.train.backbone_size, cfg.train.tta
+    )
+
+
+def run_split(cfg: StudyConfig, data: Data, split_dir: Path, models: list[str], left_out: list[dict]) -> list[Trained]:
+    """Every model on one split into ``split_dir``: the tables, predictions and report of a single study."""
+    t0 = time.perf_counter()
+    if is_rank_zero():
+        record_split(split_dir, data)
+    done = []
+    for name in models:
+        trained = finished(split_dir / name) if is_rank_zero() else None
+        if trained is not None:
+            say(f"ferlab: {name}: finished in an earlier run of {split_dir}; not trained again")
+        else:
+            trained = train_and_test(name, build(name, data, cfg, cfg.train.seed), data, cfg, split_dir)
+        if trained is not None:
+            done.append(trained)
+    if not is_rank_zero():
+        return []
     rows = [t.row for t in done]
-    write_csv(run_dir / "test_accuracy_comparison.csv", rows, COMPARISON_COLUMNS)
+    write_csv(split_dir / "test_accuracy_comparison.csv", rows, COMPARISON_COLUMNS)
     if cfg.predict_dir and done:
-        predict_new_images(cfg.predict_dir, done, run_dir)
+        predict_new_images(cfg.predict_dir, done, split_dir)
     for t in done:
         write_csv(
-            run_dir / f"{REGISTRY[t.name].study_label}_accuracy.csv",
+            split_dir / f"{REGISTRY[t.name].study_label}_accuracy.csv",
             [{"epoch": e["epoch"], "training_accuracy": e["train_acc"]} for e in t.fit.epochs],
             ["epoch", "training_accuracy"],
         )
@@ -249,13 +398,157 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         "models": [t.name for t in done],
         "left_out": left_out,
         "fit_seconds": {t.name: round(t.fit.seconds, 2) for t in done},
+        "precision": {t.name: t.fit.precision_note or t.fit.precision for t in done},
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
-    write_text(run_dir / "run.json", json.dumps(summary, indent=1))
+    write_text(split_dir / "run.json", json.dumps(summary, indent=1))
     if done:
         from ferlab.report import build_report
 
-        build_report(run_dir)
+        build_report(split_dir)
     print(format_table(rows, COMPARISON_COLUMNS))
+    return done
+
+
+# ----------------------------------------------------------------------------------------------- the study
+
+
+def resolve_models(cfg: StudyConfig, models: list[str] | None) -> list[str]:
+    return list(models or cfg.models or STUDY)
+
+
+def load_run_config(run_dir: Path) -> StudyConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FerlabError(f"{run_dir} is not a ferlab run folder (no config.yaml); pass the folder a run printed.")
+    return merge(StudyConfig(), yaml.safe_load(path.read_text()) or {})
+
+
+def prepare_resume(run_dir: Path, cfg: StudyConfig, given: dict) -> StudyConfig:
+    """The saved configuration of ``run_dir``, refused if ``given`` (the flags of this command) differs from it."""
+    saved = load_run_config(run_dir)
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    if status.get("state") == "finished":
+        raise FerlabError(f"{run_dir} finished already; there is nothing to resume.")
+    wanted = merge(saved, given) if given else saved
+    diff = differences(to_dict(saved), to_dict(wanted))
+    if diff:
+        raise FerlabError(f"--resume {run_dir} with other settings than the run's: " + "; ".join(diff) + ".")
+    return wanted
+
+
+def units(cfg: StudyConfig) -> list[tuple[int | None, int]]:
+    """(fold or None, seed) for every study the run holds."""
+    seeds = cfg.seeds or [cfg.train.seed]
+    folds = list(range(cfg.folds)) if cfg.folds else [None]
+    return [(f, s) for f in folds for s in seeds]
+
+
+def unit_dir(run_dir: Path, cfg: StudyConfig, fold: int | None, seed: int) -> Path:
+    path = run_dir
+    if fold is not None:
+        path = path / f"fold-{fold + 1}"
+    if len(cfg.seeds) > 1:
+        path = path / f"seed-{seed}"
+    return path
+
+
+def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None, resume: Path | None = None) -> Path:
+    """Train and compare ``models`` (default: the study's three) on one split, or on every fold and seed;
+    returns the run folder. With ``resume``, continues that run folder."""
+    t0 = time.perf_counter()
+    models = resolve_models(cfg, models)
+    cfg = dataclasses.replace(cfg, models=list(models))  # saved resolved, so the config re-runs exactly this
+    check_config(cfg, models)
+    if cfg.predict_dir:  # a typo here should not surface only after the training
+        from ferlab.predict import expand_inputs
+
+        expand_inputs([cfg.predict_dir])
+    plan = units(cfg)
+    first = open_data(cfg, (plan[0][0], cfg.folds) if cfg.folds else None)
+    left_out: list[dict] = []
+    for name in list(models):  # weights are fetched before any run folder exists: a failed start leaves nothing
+        try:
+            build(name, first, cfg, cfg.train.seed)
+        except FerlabError as e:
+            if len(models) == 1 or not REGISTRY[name].transfer:
+                raise
+            # the rest of the study still stands without a transfer model whose weights cannot be had
+            warn(f"{name} left out of this study: {e}")
+            left_out.append({"model": name, "reason": str(e)})
+            models.remove(name)
+    if is_distributed(cfg.train) and is_rank_zero():  # every rank must train in the precision rank 0 chooses
+        from ferlab.precision import choose, share
+
+        for name in models:
+            size, batch = first.pre.image_size, cfg.train.batch_size
+            choice = choose(name, len(first.classes), size, batch, cfg.train.accelerator, cfg.train.precision)
+            share(name, size, batch, choice)
+    run_dir = place_run(cfg, models, resume)
+    if is_rank_zero():
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text(run_dir / "command.txt", shlex.join(argv) + "\n")
+        set_status(run_dir, "running", pid=os.getpid())
+        if first.skipped:
+            n = sum(len(s) for s in first.splits.values())
+            warn(
+                f"skipped {len(first.skipped)} of {n + len(first.skipped)} files that cannot be used "
+                f"(reasons in {unit_dir(run_dir, cfg, *plan[0]) / 'skipped_files.csv'})"
+            )
+        counts = ", ".join(f"{s} {len(v)}" for s, v in first.splits.items())
+        say(
+            f"ferlab: {first.description}: {len(first.classes)} classes ({', '.join(first.classes)}); {counts}; "
+            f"{first.split_method}"
+        )
+    try:
+        results = {}
+        for fold, seed in plan:
+            where = unit_dir(run_dir, cfg, fold, seed)
+            if fold is not None or len(cfg.seeds) > 1:
+                if (where / "run.json").is_file():
+                    say(f"ferlab: {where.relative_to(run_dir)} finished in an earlier run; not computed again")
+                    results[(fold, seed)] = where
+                    continue
+                say(
+                    f"ferlab: {where.relative_to(run_dir)}: "
+                    + (f"fold {fold + 1} of {cfg.folds}" if fold is not None else "")
+                    + (f", seed {seed}" if len(cfg.seeds) > 1 else "")
+                )
+                if is_rank_zero():
+                    where.mkdir(parents=True, exist_ok=True)
+            data = first if (fold, seed) == plan[0] or fold is None else open_data(cfg, (fold, cfg.folds))
+            unit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            run_split(unit_cfg, data, where, models, left_out)
+            results[(fold, seed)] = where
+        if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
+            from ferlab.crossval import summarize_runs
+
+            summarize_runs(run_dir, cfg, results)
+    except BaseException as e:
+        set_status(
+            run_dir, "incomplete", reason=str(e) or e.__class__.__name__, resume=f"ferlab run --resume {run_dir}"
+        )
+        raise
+    set_status(run_dir, "finished", wall_seconds=round(time.perf_counter() - t0, 2))
     say(f"ferlab: run folder {run_dir} ({time.perf_counter() - t0:.0f} s)")
+    return run_dir
+
+
+def place_run(cfg: StudyConfig, models: list[str], resume: Path | None) -> Path:
+    """The run folder: the one being resumed, the one rank 0 made (for the other ranks of a multi-process run,
+    which Lightning starts with this process's environment), or a new one."""
+    if resume is not None:
+        return resume
+    inherited = os.environ.get("FERLAB_RUN_DIR")
+    if inherited and not is_rank_zero():
+        return Path(inherited)
+    if not is_rank_zero() or (is_distributed(cfg.train) and os.environ.get("RANK")):
+        # started by torchrun or SLURM: every rank computes the same folder name, and rank 0 makes it
+        path = Path(cfg.out) / (cfg.name or "distributed-run")
+        if is_rank_zero():
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+    name = cfg.name or (Path(cfg.data.data).name if cfg.data.data else "demo-synthetic")
+    run_dir = unique_dir(Path(cfg.out), name + ("" if len(models) > 1 else f"-{models[0]}"))
+    os.environ["FERLAB_RUN_DIR"] = str(run_dir)  # for ranks Lightning may start later
     return run_dir

@@ -12,7 +12,7 @@ cached, so epochs only run what trains.
 from __future__ import annotations
 
 import copy
-import ctypes
+import json
 import logging
 import math
 import os
@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -27,11 +28,12 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
-from torchvision.transforms import v2
 
 from ferlab.config import TrainConfig
 from ferlab.data import Data
-from ferlab.models import REGISTRY, Net, Normalize
+from ferlab.inference import keep_freed_memory, run_batches
+from ferlab.models import REGISTRY, Net
+from ferlab.precision import choose
 
 for _name in (
     "lightning.pytorch.utilities.rank_zero",
@@ -45,49 +47,57 @@ warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the froze
 warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
 
 
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep large freed blocks for reuse instead of handing them back to the OS.
-
-    A CPU training step frees and reallocates the same large buffers every time (activations, and the 300 MB
-    gradient of baseline-cnn's dense layer). By default glibc serves such blocks with mmap and unmaps them
-    on free, so every step pays page faults on fresh memory; with this, a baseline-cnn step went from 0.69 s
-    to 0.37 s on a 2-core CPU. No-op where glibc is absent.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of trimming
-    except (OSError, AttributeError):
-        pass
-    _ALLOCATOR_TUNED = True
-
-
-def face_augment() -> v2.Transform:
-    """Augmentation suited to faces: mirror, small rotation/scale/shift, brightness/contrast."""
-    return v2.Compose(
-        [
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.92, 1.08)),
-            v2.ColorJitter(brightness=0.25, contrast=0.25),
-        ]
-    )
-
-
 class Augment(nn.Module):
-    """Applies a transform to each image of a uint8 batch with its own random parameters."""
+    """Face augmentation of a whole uint8 batch at once, each image with its own random draw: mirror, rotation,
+    scale and shift (one affine resampling, reflected borders), brightness and contrast, and optionally
+    erasing a random rectangle (cutout). Returns floats in [0, 1], which every model's ``normalize`` takes.
+    """
 
-    def __init__(self, transform: v2.Transform):
+    def __init__(
+        self, rotate: float = 10.0, shift: float = 0.06, zoom: float = 0.08, jitter: float = 0.25, erase: float = 0.0
+    ):
         super().__init__()
-        self.transform = transform
+        self.rotate, self.shift, self.zoom, self.jitter, self.erase = rotate, shift, zoom, jitter, erase
+
+    @staticmethod
+    def _uniform(n: int, low: float, high: float) -> torch.Tensor:
+        return torch.rand(n) * (high - low) + low
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.transform(img) for img in x])
+        n, _, h, w = x.shape
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        angle = torch.deg2rad(self._uniform(n, -self.rotate, self.rotate))
+        scale = self._uniform(n, 1 - self.zoom, 1 + self.zoom)
+        mirror = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * mirror, -sin
+        theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
+        theta[:, :, 2] = self._uniform(2 * n, -2 * self.shift, 2 * self.shift).view(n, 2)  # [-1, 1] spans the side
+        grid = nn.functional.affine_grid(theta.to(x.device), [n, 1, h, w], align_corners=False)
+        x = nn.functional.grid_sample(
+            x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False
+        )
+        if self.jitter:
+            mean = x.mean((1, 2, 3), keepdim=True)
+            contrast = self._uniform(n, 1 - self.jitter, 1 + self.jitter).view(n, 1, 1, 1).to(x.device)
+            bright = self._uniform(n, 1 - self.jitter, 1 + self.jitter).view(n, 1, 1, 1).to(x.device)
+            x = ((x - mean) * contrast + mean) * bright
+        if self.erase:
+            area = self._uniform(n, 0.02, 0.2) * h * w
+            aspect = torch.exp(self._uniform(n, -1.2, 1.2))
+            eh, ew = (area * aspect).sqrt().clamp(max=h), (area / aspect).sqrt().clamp(max=w)
+            y0, x0 = torch.rand(n) * (h - eh), torch.rand(n) * (w - ew)
+            rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+            box = (
+                (rows >= y0.view(n, 1, 1))
+                & (rows < (y0 + eh).view(n, 1, 1))
+                & (cols >= x0.view(n, 1, 1))
+                & (cols < (x0 + ew).view(n, 1, 1))
+                & (torch.rand(n) < self.erase).view(n, 1, 1)
+            )
+            x = x.masked_fill(box.unsqueeze(1).to(x.device), 0.0)
+        return x.clamp(0, 1)
 
 
 class Classifier(L.LightningModule):
@@ -99,11 +109,20 @@ class Classifier(L.LightningModule):
         frozen: nn.Module,
         trainable: nn.Module,
         num_classes: int,
+        cfg: TrainConfig,
         lr: float,
         augment: nn.Module | None = None,
+        tta: bool = False,
     ):
         super().__init__()
-        self.frozen, self.trainable, self.augment, self.lr = frozen, trainable, augment, lr
+        self.frozen, self.trainable, self.augment, self.cfg, self.lr, self.tta = (
+            frozen,
+            trainable,
+            augment,
+            cfg,
+            lr,
+            tta,
+        )
         # ModuleDict keys must not shadow nn.Module attributes such as .train
         self.acc = nn.ModuleDict(
             {
@@ -113,6 +132,11 @@ class Classifier(L.LightningModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta and not self.training:  # as the model's own forward does in eval mode
+            return (self._forward(x) + self._forward(x.flip(-1))) / 2
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = self.frozen(x)
         return self.trainable(x)
@@ -126,10 +150,10 @@ class Classifier(L.LightningModule):
         if split == "train" and self.augment is not None:
             x = self.augment(x)
         logits = self(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         acc = self.acc[f"{split}_acc"]
         acc(logits, y)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -141,8 +165,27 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        # the fused kernel is ~2x faster on CPU for the 75M-parameter dense layer of baseline-cnn
-        return torch.optim.Adam(params, lr=self.lr, fused=True)
+        cfg = self.cfg
+        # fused kernels: ~2x faster on CPU for the 75M-parameter dense layer of baseline-cnn
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay, fused=True
+            )
+        else:
+            kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+            opt = kind(params, lr=self.lr, weight_decay=cfg.weight_decay, fused=True)
+        if cfg.schedule == "constant":
+            return opt
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = max(1, round(0.05 * total))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class EpochTable(Callback):
@@ -150,6 +193,16 @@ class EpochTable(Callback):
 
     def __init__(self, stage: int, first_epoch: int, echo: bool = False):
         self.stage, self.first, self.rows, self.echo = stage, first_epoch, [], echo
+
+    @property
+    def state_key(self) -> str:
+        return f"EpochTable[stage={self.stage}]"
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.t0 = time.perf_counter()
@@ -164,7 +217,7 @@ class EpochTable(Callback):
                 "seconds": round(time.perf_counter() - self.t0, 3),
             }
         )
-        if self.echo:  # without a progress bar, one line per epoch (as Keras' verbose=2)
+        if self.echo and trainer.is_global_zero:  # without a progress bar, one line per epoch (Keras' verbose=2)
             r = self.rows[-1]
             print(
                 f"  epoch {r['epoch']:3d} (stage {r['stage']}): train acc {r['train_acc']:.4f} loss "
@@ -176,18 +229,72 @@ class EpochTable(Callback):
 
 
 class KeepBest(Callback):
-    """Keeps the weights of the best validation accuracy in memory (strictly better wins, as in Keras)."""
+    """The weights of the best validation accuracy (strictly better wins, as in Keras): in memory, and on disk
+    (``best.pt`` in the state folder) so a resumed run still has them."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.best, self.state = module, -math.inf, None
+    def __init__(self, module: nn.Module, state_dir: Path | None = None):
+        self.module, self.best, self.state, self.dir = module, -math.inf, None, state_dir
         self.offset = 0  # epochs of earlier stages: best_epoch counts across stages (0-based)
         self.best_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.restore()
+
+    def restore(self) -> None:
+        """Best weights back from disk (a resumed run)."""
+        if self.dir is not None and (self.dir / "best.pt").is_file():
+            saved = torch.load(self.dir / "best.pt", map_location="cpu", weights_only=True)
+            self.best, self.best_epoch, self.state = saved["best"], saved["best_epoch"], saved["weights"]
 
     def on_train_epoch_end(self, trainer, pl_module):
         acc = float(trainer.callback_metrics["val/acc"])
         if acc > self.best:
             self.best, self.best_epoch = acc, self.offset + trainer.current_epoch
             self.state = copy.deepcopy(self.module.state_dict())
+            if self.dir is not None and trainer.is_global_zero:
+                atomic_save(
+                    {"best": self.best, "best_epoch": self.best_epoch, "weights": self.state}, self.dir / "best.pt"
+                )
+
+
+class RngState(Callback):
+    """The random streams the next epoch draws from (augmentation and dropout: torch's; shuffling: the sampler's
+    generator), saved with each epoch's training state so a resumed run continues them exactly."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(), "sampler": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        self.generator.set_state(state["sampler"])
+
+
+class SaveState(Callback):
+    """After every epoch (and every callback's bookkeeping), the whole training state through Lightning's own
+    ``save_checkpoint`` (weights, optimizer, schedule, epoch, early stopping, best-epoch and RNG state),
+    written to a temporary file and renamed, so a kill at any moment leaves the previous state whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective under DDP; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -198,16 +305,7 @@ class FitResult:
     train_acc: float = 0.0  # training accuracy of the best epoch
     seconds: float = 0.0
     precision: str = "32"
-    stages: int = 1
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: mixed precision on CUDA (bf16 where supported), fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if _device(accelerator).type == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32"
+    precision_note: str = ""
 
 
 def _device(accelerator: str) -> torch.device:
@@ -224,41 +322,32 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Whole batches sliced from in-memory tensors: no per-item collation."""
+def _loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None, distributed: bool = False
+) -> DataLoader:
+    """Batches from in-memory tensors, shuffled by ``generator`` when one is given. On one process whole batches
+    are sliced at once (no per-item collation); under DDP a plain loader, so Lightning can shard it."""
     ds = TensorDataset(x, y)
-    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    return DataLoader(
-        ds,
-        sampler=BatchSampler(sampler, batch_size, drop_last=False),
-        batch_size=None,
-        pin_memory=torch.cuda.is_available(),
-    )
+    pin = torch.cuda.is_available()
+    if distributed:
+        return DataLoader(ds, batch_size, shuffle=generator is not None, generator=generator, pin_memory=pin)
+    sampler = RandomSampler(ds, generator=generator) if generator is not None else SequentialSampler(ds)
+    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, pin_memory=pin)
 
 
-def _inference_batch(module: nn.Module, x: torch.Tensor, device: torch.device) -> int:
-    """64 images a pass at 100x100 px; on a CPU proportionally fewer for a larger backbone input: on 2 cores,
-    VGG16 at 224x224 ran 1.2x faster per image in batches of 8-16 than of 64 (MobileNetV2 likewise), while
-    the CNNs at 100x100 run as fast or faster in 64s."""
-    if device.type != "cpu":
-        return 64
-    first = next(iter(module), None) if isinstance(module, nn.Sequential) else getattr(module, "normalize", None)
-    side = (first.size if isinstance(first, Normalize) else None) or x.shape[-1]
-    return max(1, min(64, 64 * 100 * 100 // (side * side)))
+def is_distributed(cfg: TrainConfig) -> bool:
+    devices = str(cfg.devices)
+    many = (devices.isdigit() and int(devices) > 1) or "," in devices or devices == "-1"
+    return many or cfg.num_nodes > 1 or cfg.strategy.startswith(("ddp", "fsdp", "deepspeed"))
 
 
-@torch.inference_mode()
-def run_batches(module: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """``module`` over ``x`` in eval mode, ``batch_size`` images at a time (default: 12 for a 224x224 backbone
-    on a CPU, 64 otherwise; see :func:`_inference_batch`)."""
-    module.eval()
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    batch_size = batch_size or _inference_batch(module, x, device)
-    return (
-        torch.cat([module(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
-        if len(x)
-        else torch.empty(0)
-    )
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of a multi-process run (torchrun, SLURM or Lightning's own launcher,
+    which starts the other ranks with LOCAL_RANK set), or the only process."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and int(os.environ.get("NODE_RANK", "0") or 0) == 0
 
 
 def _stages(name: str, cfg: TrainConfig) -> list[tuple[int | None, float, bool]]:
@@ -282,20 +371,39 @@ def _cache_fits(module: nn.Module, x: torch.Tensor, share: float = 0.25) -> bool
     return per_image * len(x) <= share * ram
 
 
-def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
-    """Train ``net`` in place on ``data``'s train split, choosing weights on its val split."""
+def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path | None = None) -> FitResult:
+    """Train ``net`` in place on ``data``'s train split, choosing weights on its val split.
+
+    With ``state_dir``, the training state is written there after every epoch (``stage<k>-last.ckpt``, the best
+    weights in ``best.pt``, finished stages in ``progress.json``), and a fit that finds such a folder continues
+    from its last completed epoch: the result is the same as an uninterrupted fit's on the same machine.
+    """
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    choice = choose(name, len(data.classes), data.pre.image_size, cfg.batch_size, cfg.accelerator, cfg.precision)
+    precision = choice.precision
+    if choice.measured != "forced" and is_rank_zero():
+        print(choice.message(name), file=sys.stderr, flush=True)
     train, val = data.splits["train"], data.splits["val"]
-    result = FitResult(precision=precision)
-    keep = KeepBest(net)
-    t0 = time.perf_counter()
+    result = FitResult(precision=precision, precision_note=choice.message(name).removeprefix("ferlab: "))
+    keep = KeepBest(net, state_dir)
+    done_stages = 0
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        progress = state_dir / "progress.json"
+        if progress.is_file():  # a resumed fit: finished stages are not trained again
+            saved = json.loads(progress.read_text())
+            done_stages, result.epochs = saved["stages_done"], saved["epochs"]
+            keep.restore()
+            if keep.state is not None:
+                net.load_state_dict(keep.state)
+    t0 = time.perf_counter() - (sum(e["seconds"] for e in result.epochs) if result.epochs else 0.0)
     stages = _stages(name, cfg)
+    distributed = is_distributed(cfg)
     # Whatever is frozen in a stage without augmentation is run once over the data; all such stages share
     # the output of their common frozen prefix, so the backbone runs over the data once per fit.
     cached = [cfg.feature_cache and not aug and net.cut(units) > 0 for units, _, aug in stages]
-    shared_cut = min((net.cut(u) for (u, _, _), c in zip(stages, cached) if c), default=0)
+    shared_cut = min((net.cut(u) for (u, _, _), c in zip(stages[done_stages:], cached[done_stages:]) if c), default=0)
     shared = None
     device = _device(cfg.accelerator)
     if shared_cut:
@@ -310,7 +418,13 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
                 "of this machine's memory; running them every step instead (slower, same result).",
                 file=sys.stderr,
             )
+    stage = done_stages
     for stage, (units, lr, aug) in enumerate(stages, start=1):
+        if stage <= done_stages:
+            continue
+        # each stage's random streams start from its own seed, so a resumed fit that begins here draws what an
+        # uninterrupted one does
+        L.seed_everything(cfg.seed + stage - 1, workers=True, verbose=False)
         cut = net.cut(units)
         frozen, trainable = net.split_at(units)
         for p in frozen.parameters():
@@ -323,37 +437,63 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig) -> FitResult:
             with _autocast(device, precision):
                 xs = {s: run_batches(between, x) if len(between) else x for s, x in shared.items()}
             frozen = nn.Identity()
-        module = Classifier(frozen, trainable, len(data.classes), lr, Augment(face_augment()) if aug else None)
-        table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not cfg.progress)
+        augment = Augment(cfg.rotate, cfg.shift, cfg.zoom, cfg.jitter, cfg.erase) if aug else None
+        # test-time augmentation in validation too, so the chosen epoch is chosen as the model will predict
+        # (not on cached features, which cannot be mirrored)
+        tta = cfg.tta and not (cached[stage - 1] and shared is not None)
+        module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, tta)
+        bar = cfg.progress and sys.stderr.isatty()  # a log file gets one line per epoch, not bar frames
+        table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar)
         keep.offset = len(result.epochs)
+        generator = torch.Generator().manual_seed(cfg.seed + stage)
+        callbacks: list[Callback] = [table, keep, RngState(generator)]
+        if cfg.patience > 0:
+            callbacks.append(EarlyStopping("val/acc", mode="max", patience=cfg.patience))
+        last = None
+        if state_dir is not None:
+            last = state_dir / f"stage{stage}-last.ckpt"
+            callbacks.append(SaveState(last))
         trainer = L.Trainer(
             max_epochs=cfg.max_epochs,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
             precision=precision,
-            callbacks=[table, keep, EarlyStopping("val/acc", mode="max", patience=cfg.patience)],
+            callbacks=callbacks,
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            enable_progress_bar=cfg.progress,
+            enable_progress_bar=bar,
             deterministic=False,
         )
-        trainer.fit(
-            module,
-            _loader(xs["train"], train.labels, cfg.batch_size, True, cfg.seed + stage),
-            _loader(xs["val"], val.labels, cfg.batch_size, False, 0),
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*checkpoint.*")  # resuming from our own state file
+            trainer.fit(
+                module,
+                _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed),
+                _loader(xs["val"], val.labels, cfg.batch_size, None, distributed),
+                ckpt_path=str(last) if last is not None and last.is_file() else None,
+            )
         result.epochs += table.rows
         if keep.state is not None:
             net.load_state_dict(keep.state)
+        if state_dir is not None and is_rank_zero():
+            write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs})
+            last.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     best = result.epochs[keep.best_epoch]
     result.best_epoch, result.best_val_acc, result.train_acc = best["epoch"], best["val_acc"], best["train_acc"]
-    result.stages = stage
     for p in net.parameters():  # back to the stage-1 state: what the summary and a rebuilt model show
         p.requires_grad_(False)
     for p in net.split_at(0 if REGISTRY[name].transfer else None)[1].parameters():
         p.requires_grad_(True)
     net.cpu().eval()  # the frozen pass may have left layers on the GPU that the Trainer never saw
     return result
+
+
+def write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""ferlab's Python API: classify the faces in images with a shipped or trained model.
+
+    >>> import ferlab
+    >>> faces = ferlab.analyze("photo.jpg")                                # doctest: +SKIP
+    >>> faces[0]["label"], faces[0]["probabilities"]["happy"], faces[0]["box"]   # doctest: +SKIP
+    ('happy', 0.91, [412, 133, 208, 208])
+    >>> ferlab.analyze(frame, bgr=True)            # an OpenCV frame           # doctest: +SKIP
+    >>> ferlab.analyze(["a.jpg", pil_image, array], model="runs/x/vgg-small/model.ckpt")   # doctest: +SKIP
+
+The CLI (``ferlab predict``) and the server (``ferlab serve``) are thin layers over the same inference path,
+so an image gives the same probabilities through each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ferlab.data import BadImage, NoFace, normalize_mode, open_rgb
+from ferlab.errors import FerlabError
+from ferlab.inference import Face, Model, default_model_name, load_model
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+def to_pil(image: ImageLike, max_pixels: int, bgr: bool = False, where: str = "the image") -> Image.Image:
+    """A path, a PIL image or a uint8 array (H x W x 3 RGB, BGR with ``bgr``, H x W x 4, or H x W grayscale)
+    as an upright RGB PIL image; anything else is a :class:`FerlabError` saying what was expected."""
+    if isinstance(image, (str, Path)):
+        if not Path(image).exists():
+            raise FerlabError(f"{where}: the file {image} does not exist.")
+        try:
+            return open_rgb(image, max_pixels)
+        except BadImage as e:
+            raise FerlabError(f"{where}: {image} cannot be used ({e}).") from None
+    if isinstance(image, Image.Image):
+        if image.width * image.height > max_pixels:
+            raise FerlabError(f"{where} has {image.width}x{image.height} pixels, over the limit of {max_pixels:,}.")
+        try:  # as a file would be: upright, 16-bit greyscale kept to its top 8 bits, float images refused
+            return normalize_mode(ImageOps.exif_transpose(image))
+        except BadImage as e:
+            raise FerlabError(f"{where} cannot be used ({e}).") from None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise FerlabError(
+                f"{where} is a {image.dtype} array; pass uint8 pixels (0-255), e.g. (array * 255).astype('uint8')."
+            )
+        if image.ndim == 2:
+            arr = np.repeat(image[..., None], 3, axis=2)
+        elif image.ndim == 3 and image.shape[2] in (3, 4):
+            arr = image[..., :3]
+            if bgr:
+                arr = arr[..., ::-1]
+        else:
+            raise FerlabError(
+                f"{where} is an array of shape {image.shape}; pass H x W x 3 (RGB, or BGR with bgr=True), "
+                "H x W x 4 or H x W grayscale."
+            )
+        if arr.shape[0] * arr.shape[1] > max_pixels:
+            raise FerlabError(f"{where} has {arr.shape[1]}x{arr.shape[0]} pixels, over the limit of {max_pixels:,}.")
+        if min(arr.shape[:2]) < 1:
+            raise FerlabError(f"{where} is an empty array of shape {image.shape}.")
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    raise FerlabError(
+        f"{where} is a {type(image).__name__}; pass a file path, a PIL image or a uint8 NumPy array (or a list)."
+    )
+
+
+def _model(model: str | Path | Model | None) -> Model:
+    if isinstance(model, Model):
+        return model
+    return load_model(model if model is not None else default_model_name())
+
+
+def analyze(
+    images: ImageLike | Sequence[ImageLike],
+    model: str | Path | Model | None = "fer2013",
+    all_faces: bool = True,
+    bgr: bool = False,
+    face_crop: str | None = None,
+    require_face: bool = False,
+) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+    """The faces in an image (or in each of a list of images), each with its emotion.
+
+    Args:
+        images: a path, a PIL image or a uint8 NumPy array, or a list of them (all classified in one batch).
+        model: a shipped model's name (``fer2013``), a ``.ckpt`` or ``.onnx`` path, or a loaded model.
+        all_faces: every face found (default), or only the largest.
+        bgr: arrays are in OpenCV's BGR order.
+        face_crop: override the model's own crop policy (``off``, ``auto`` or ``on``).
+        require_face: raise :class:`FerlabError` for an image in which face detection ran and found nothing,
+            instead of classifying the whole image (``face_found: False``).
+
+    Returns:
+        For one image, a list with one dict per face: ``box`` ([x, y, w, h] in the image, or None for the
+        whole image), ``label``, ``probabilities`` (every class, summing to 1, calibrated), ``face_found``
+        and ``unusual`` (why the input is unlike the model's training data, or ""). For a list, one such list
+        per image.
+    """
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    m = _model(model)
+    pils = [
+        to_pil(im, m.pre.max_pixels, bgr, "the image" if single else f"image {i} of the list")
+        for i, im in enumerate(items)
+    ]
+    prepared = []
+    for i, im in enumerate(pils):
+        where = "the image" if single else f"image {i} of the list"
+        try:
+            crops = m.prepare(im, all_faces=all_faces, face_crop=face_crop)
+        except NoFace:
+            raise FerlabError(f"No face found in {where} (face_crop='on').") from None
+        if require_face and crops and crops[0].note:
+            raise FerlabError(f"No face found in {where}.")
+        prepared.append(crops)
+    flat: list[Face] = m.classify([c for crops in prepared for c in crops])
+    out, k = [], 0
+    for crops in prepared:
+        out.append([f.as_dict() for f in flat[k : k + len(crops)]])
+        k += len(crops)
+    return out[0] if single else out

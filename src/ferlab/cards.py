@@ -1,0 +1,91 @@
+"""Model cards as people read them: ``ferlab info`` and ``ferlab models``.
+
+ferlab info fer2013
+ferlab models
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from ferlab.inference import PRETRAINED, Model, load_model, shipped_models
+from ferlab.models import REGISTRY
+
+FER2013_LICENSE = (
+    "trained on FER2013 (ICML 2013 challenge, Kaggle): research, non-commercial data; the weights inherit those terms"
+)
+
+
+def public(card: dict) -> dict[str, Any]:
+    """The card without tensors (digests, face-space components) and internal objects: what people and JSON
+    consumers see."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if not isinstance(x, torch.Tensor) and not k.endswith("_obj")}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(card)
+
+
+def summary(model: Model) -> dict[str, Any]:
+    """The facts a user needs before trusting a model's output."""
+    card = model.card
+    pre = card.get("preprocess", {})
+    training = card.get("training", {})
+    return {
+        "name": model.label,
+        "model": card.get("model"),
+        "runtime": model.runtime.kind,
+        "classes": list(card["classes"]),
+        "input": f"{pre.get('image_size')}x{pre.get('image_size')} uint8 RGB"
+        + (" (grayscale replicated to 3 channels)" if pre.get("grayscale") else ""),
+        "face_crop": pre.get("face_crop"),
+        "training_images": pre.get("faces") or "unknown",
+        "face_margin": pre.get("face_margin"),
+        "face_detector": pre.get("detector", "haar"),
+        "test_time_augmentation": bool(card.get("model_args", {}).get("tta")),
+        "data": card.get("data", {}).get("description"),
+        "split": card.get("data", {}).get("split_method"),
+        "val_acc": training.get("val_acc"),
+        "test_metrics": card.get("test_metrics"),
+        "calibration": card.get("calibration"),
+        "precision": training.get("precision"),
+        "license": card.get("license"),
+        "ferlab_version": card.get("ferlab_version"),
+    }
+
+
+def describe(model: Model) -> str:
+    """A readable card: the summary, then the whole card as JSON."""
+    lines = [f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in summary(model).items()]
+    return "\n".join(lines) + "\n\nfull card:\n" + json.dumps(public(model.card), indent=1, default=str)
+
+
+def models_table() -> str:
+    lines = ["architectures (ferlab train DATA --model NAME):"]
+    width = max(len(n) for n in REGISTRY)
+    for name, spec in REGISTRY.items():
+        lines.append(f"  {name.ljust(width)}  {spec.about}")
+    lines.append("shipped models (ferlab predict --checkpoint NAME, ferlab.analyze(..., model=NAME)):")
+    shipped = shipped_models()
+    if not shipped:
+        lines.append("  none in this install")
+    for name in shipped:
+        m = load_model(name)
+        val = m.card.get("training", {}).get("val_acc")
+        lines.append(
+            f"  {name}  {m.card['model']}, {len(m.classes)} classes ({', '.join(m.classes)}), "
+            f"validation accuracy {val:.3f}"
+            if val is not None
+            else f"  {name}  {m.card['model']}"
+        )
+    missing = [n for n in PRETRAINED if n not in shipped]
+    if missing:
+        lines.append(f"  (not installed: {', '.join(missing)})")
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""``ferlab export``: a model as an ONNX file that carries its own preprocessing and card.
+
+    ferlab export runs/x/regularized-cnn/model.ckpt --format onnx --out regularized.onnx
+    ferlab export fer2013 --quantize int8 --data faces/ --out fer2013-int8.onnx
+
+The graph takes what a ferlab model takes, a uint8 N x 3 x H x W RGB batch (any N), and does the rest inside:
+scaling and normalisation, a transfer model's resize to its backbone input, test-time mirroring where the
+model uses it. It returns ``logits`` and ``probabilities`` (softmax of the logits over the card's fitted
+temperature). The model card (classes in order, input size, grayscale, face-crop policy and margin, face
+detector, training summary, calibration, out-of-distribution statistics) is in the file's metadata, so
+``ferlab predict --checkpoint model.onnx`` and any ONNX Runtime user get the same answers as the checkpoint.
+Before writing, the export runs both on generated images and refuses a file that disagrees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ferlab.data import decode_many, scan, to_tensor
+from ferlab.errors import FerlabError
+from ferlab.files import write_bytes
+from ferlab.inference import Model, OnnxRuntime, TorchRuntime, load_model
+from ferlab.onnx_runtime import ARRAYS_KEY, CARD_KEY, load_onnx, pack_arrays
+
+OPSET = 17
+TOLERANCE = 1e-4  # largest allowed difference of any probability between PyTorch and ONNX Runtime
+
+
+class Exported(nn.Module):
+    def __init__(self, net: nn.Module, temperature: float):
+        super().__init__()
+        self.net, self.temperature = net, temperature
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return logits, (logits / self.temperature).softmax(1)
+
+
+def card_metadata(card: dict) -> dict[str, str]:
+    """The card as ONNX metadata: JSON for the facts, one packed blob for its arrays."""
+    plain, arrays = {}, {}
+    for key, value in card.items():
+        if key in ("preprocess_obj", "state_dict"):
+            continue
+        if isinstance(value, dict):
+            plain[key] = {k: v for k, v in value.items() if not isinstance(v, torch.Tensor)}
+            arrays.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+        elif not isinstance(value, torch.Tensor):
+            plain[key] = value
+    plain["exported_from"] = {"format": "ferlab-checkpoint", "model": card.get("model")}
+    meta = {CARD_KEY: json.dumps(plain, default=str)}
+    if arrays:
+        meta[ARRAYS_KEY] = pack_arrays(arrays)
+    # the facts an ONNX user looks for first, as plain keys
+    pre = card["preprocess"]
+    meta.update(
+        classes=json.dumps(card["classes"]),
+        input="uint8 RGB N x 3 x {0} x {0}".format(pre["image_size"]),
+        grayscale=str(bool(pre.get("grayscale"))).lower(),
+        face_crop=str(pre.get("face_crop")),
+        face_margin=str(pre.get("face_margin")),
+        temperature=str(card.get("calibration", {}).get("temperature", 1.0)),
+    )
+    return meta
+
+
+def generated_inputs(size: int, n: int = 16, seed: int = 0) -> torch.Tensor:
+    """Noise, flat greys and smooth gradients: the parity check's images (no dataset needed)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (n // 2, 3, size, size), generator=g, dtype=torch.uint8)
+    ramp = torch.linspace(0, 255, size).view(1, 1, 1, size)
+    smooth = [((ramp * (k + 1) / (n // 2)).expand(1, 3, size, size) + 20 * k) % 256 for k in range(n - n // 2)]
+    return torch.cat([noise, torch.cat(smooth).to(torch.uint8)])
+
+
+def parity(torch_model: Model, onnx_model: Model, x: torch.Tensor) -> tuple[float, int]:
+    """(largest probability difference, number of images whose predicted class differs)."""
+    a, b = torch_model.probabilities(x), onnx_model.probabilities(x)
+    return float((a - b).abs().max()), int((a.argmax(1) != b.argmax(1)).sum())
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_diff: float
+    size_bytes: int
+    int8_path: Path | None = None
+    accuracy: tuple[float, float] | None = None  # fp32, int8 on the given folder
+
+
+def _onnx_bytes(model: Model) -> bytes:
+    import onnx
+
+    net = model.runtime.net.eval()
+    size = model.pre.image_size
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Exported(net, model.temperature),
+            (torch.zeros(2, 3, size, size, dtype=torch.uint8),),
+            buf,
+            input_names=["image"],
+            output_names=["logits", "probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in card_metadata(model.card).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "ferlab"
+    return proto.SerializeToString()
+
+
+def _as_model(path: Path, name: str) -> Model:
+    session, card = load_onnx(path)
+    return Model(name, OnnxRuntime(session), card)
+
+
+def accuracy_on(model: Model, folder: str) -> tuple[float, int]:
+    """Accuracy of a model on a folder-per-class tree (same decoding as evaluate), and its size."""
+    from ferlab.evaluate import map_classes
+
+    records = scan(Path(os.path.abspath(folder)), [], "labelled")
+    mapping, _ = map_classes(sorted({r.cls for r in records}), model.classes, {}, [])
+    decoded, _ = decode_many([r.file for r in records], model.pre)
+    keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
+    if not keep:
+        raise FerlabError(f"None of the files in {folder} could be read as images.")
+    x = to_tensor([d.image for _, d in keep], model.pre.image_size)
+    y = torch.tensor([model.classes.index(mapping[r.cls]) for r, _ in keep])
+    return float((model.probabilities(x).argmax(1) == y).float().mean()), len(y)
+
+
+def export_onnx(
+    checkpoint: str,
+    out: str | None = None,
+    quantize: str | None = None,
+    data: str | None = None,
+    max_drop: float = 1.0,
+) -> ExportResult:
+    model = load_model(checkpoint)
+    if not isinstance(model.runtime, TorchRuntime):
+        raise FerlabError(f"{checkpoint} is already an ONNX model; export takes a .ckpt or a shipped model's name.")
+    if quantize and not data:
+        raise FerlabError("--quantize int8 needs --data DIR, a labelled folder on which to measure what int8 costs.")
+    src = Path(model.name)
+    target = Path(out) if out else (src.with_suffix(".onnx") if src.exists() else Path(f"{model.name}.onnx"))
+    blob = _onnx_bytes(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "model.onnx"
+        candidate.write_bytes(blob)
+        exported = _as_model(candidate, str(target))
+        diff, flipped = parity(model, exported, generated_inputs(model.pre.image_size))
+        if diff > TOLERANCE or flipped:
+            raise FerlabError(
+                f"The exported graph disagrees with the PyTorch model (largest probability difference {diff:.2e}, "
+                f"{flipped} predictions differ; allowed {TOLERANCE:g}); nothing was written."
+            )
+        result = ExportResult(target, diff, len(blob))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(target, blob)
+        if quantize:
+            result.int8_path, result.accuracy = _quantize(candidate, exported, data, target, max_drop)
+    return result
+
+
+def _quantize(fp32_path: Path, fp32: Model, data: str, target: Path, max_drop: float) -> tuple[Path, tuple]:
+    """Dynamic int8 quantization of weights (ONNX Runtime's), kept only if it costs at most ``max_drop`` points."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the graph is for static quantization
+    int8_path = fp32_path.with_name("model-int8.onnx")
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    int8 = _as_model(int8_path, str(target))
+    acc32, n = accuracy_on(fp32, data)
+    acc8, _ = accuracy_on(int8, data)
+    drop = 100 * (acc32 - acc8)
+    print(
+        f"ferlab: int8 on {data} (n={n}): accuracy {acc8:.4f} against fp32 {acc32:.4f} ({-drop:+.2f} points)",
+        file=sys.stderr,
+    )
+    if drop > max_drop:
+        raise FerlabError(
+            f"int8 quantization costs {drop:.2f} points of accuracy on {data} (limit {max_drop:g}), so no int8 "
+            f"file was written; the fp32 model is at {target}."
+        )
+    final = target.with_name(target.stem + "-int8.onnx")
+    write_bytes(final, int8_path.read_bytes())
+    return final, (acc32, acc8)

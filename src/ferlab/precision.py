@@ -1,0 +1,168 @@
+"""``--precision auto``: the arithmetic a model trains in, measured on the machine it runs on.
+
+    >>> choose("regularized-cnn", num_classes=6, image_size=100, batch_size=32)      # doctest: +SKIP
+    Choice(precision='bf16-mixed', speedup=2.1, fp32_ms=..., bf16_ms=..., measured='2026-11-27', cached=False)
+
+On a CUDA device the rule is fixed (bf16 mixed precision where supported, else fp16). On a CPU the answer
+depends on the chip: bf16 matmul ran 3.3x faster than fp32 on a Xeon with AMX, 2.2x on an EPYC with
+avx512_bf16, and half as fast on a Xeon without either. So the first time a model trains on a machine, a few
+training steps are timed in fp32 and in bf16 mixed precision, interleaved, and the faster wins (bf16 must
+beat fp32 by 10% to be worth its rounding). The result is cached per machine fingerprint (CPU model, its
+bf16/AMX flags, core count, torch version) in ferlab's cache folder; a change of any of them measures again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MARGIN = 1.10  # bf16 must be this much faster than fp32 to be chosen
+FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx2")
+
+
+@dataclass
+class Choice:
+    precision: str
+    speedup: float  # fp32 step time / bf16 step time (1.0 where nothing was measured)
+    fp32_ms: float
+    bf16_ms: float
+    measured: str  # the date of the measurement, or the rule that decided
+    cached: bool = False
+
+    def message(self, model: str) -> str:
+        if self.measured in ("cuda", "forced"):
+            return f"ferlab: precision {self.precision} ({'CUDA rule' if self.measured == 'cuda' else 'as given'})"
+        faster = "faster" if self.speedup >= 1 else "slower"
+        ratio = self.speedup if self.speedup >= 1 else 1 / self.speedup
+        return (
+            f"ferlab: precision {self.precision} on this CPU for {model}: bf16 mixed precision {ratio:.1f}x {faster} "
+            f"than fp32 ({self.bf16_ms:.0f} vs {self.fp32_ms:.0f} ms a step), measured {self.measured}"
+            + (" (cached)" if self.cached else "")
+        )
+
+
+def env_name(key: str) -> str:
+    return "FERLAB_PRECISION_" + "".join(c if c.isalnum() else "_" for c in key).upper()
+
+
+def share(model: str, image_size: int, batch_size: int, choice: Choice) -> None:
+    """Hand a decision to the processes Lightning starts later (they inherit this environment), so every rank of
+    a multi-process run trains in the same precision."""
+    key = f"{model} {image_size}px batch {min(batch_size, 32)}"
+    os.environ[env_name(key)] = json.dumps({k: v for k, v in asdict(choice).items() if k != "cached"})
+
+
+def cache_file() -> Path:
+    base = os.environ.get("FERLAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ferlab"
+    )
+    return Path(base) / "precision.json"
+
+
+def fingerprint() -> str:
+    """What the measured answer depends on: the CPU model and its relevant flags, cores, torch's version."""
+    name, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    have = ",".join(f for f in FLAGS if f in flags)
+    return f"{name} | {have} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def _load() -> dict:
+    try:
+        return json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(cache: dict) -> None:
+    path = cache_file()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+
+
+def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds of a training step (forward, backward, Adam) in fp32 and in bf16 autocast: a few warm-up
+    steps each (oneDNN builds its kernels on first use), then rounds of two steps of each, interleaved so a
+    machine's changing load hits both alike; a round lasts at least 0.1 s, so short steps are timed in bulk."""
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    y = torch.zeros(batch, dtype=torch.long)
+
+    def step(bf16: bool) -> float:
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    for _ in range(3):
+        step(False), step(True)
+    per_round = max(2, round(0.1 / max(1e-4, min(step(False), step(True)))))
+    fp32, bf16 = [], []
+    for _ in range(rounds):
+        fp32.append(sum(step(False) for _ in range(per_round)) / per_round)
+        bf16.append(sum(step(True) for _ in range(per_round)) / per_round)
+    return statistics.median(fp32), statistics.median(bf16)
+
+
+def choose(
+    model: str, num_classes: int, image_size: int, batch_size: int, accelerator: str = "auto", precision: str = "auto"
+) -> Choice:
+    """The precision to train ``model`` in: as given, the CUDA rule, or measured on this CPU (cached)."""
+    if precision != "auto":
+        return Choice(precision, 1.0, 0.0, 0.0, "forced")
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return Choice("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed", 1.0, 0.0, 0.0, "cuda")
+    key = f"{model} {image_size}px batch {min(batch_size, 32)}"
+    inherited = os.environ.get(env_name(key))
+    if inherited:  # decided by rank 0 of a multi-process run before it started the others
+        return Choice(**{**json.loads(inherited), "cached": True})
+    cache = _load()
+    machine = cache.get(fingerprint(), {})
+    if key in machine:
+        try:
+            return Choice(**{**machine[key], "cached": True})
+        except TypeError:  # an entry from another ferlab version, or edited by hand: measure again
+            pass
+    from ferlab.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model(model, num_classes, image_size, "none", None)
+    # a transfer model's backbone input is what it is trained at; timing it at 224 costs seconds, so time the
+    # data size: what matters is the chip's bf16 rate against its fp32 rate on these layer types
+    fp32, bf16 = time_steps(net, image_size, min(batch_size, 32))
+    speedup = fp32 / bf16
+    choice = Choice(
+        "bf16-mixed" if speedup >= MARGIN else "32",
+        round(speedup, 2),
+        round(1000 * fp32, 1),
+        round(1000 * bf16, 1),
+        date.today().isoformat(),
+    )
+    cache = _load()  # another process may have written meanwhile
+    cache.setdefault(fingerprint(), {})[key] = {k: v for k, v in asdict(choice).items() if k != "cached"}
+    _save(cache)
+    return choice

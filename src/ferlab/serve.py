@@ -1,0 +1,328 @@
+"""``ferlab serve``: a REST API and a web page that classify the faces in uploaded photos.
+
+    ferlab serve                                     # the shipped fer2013 model on http://127.0.0.1:8000
+    ferlab serve --checkpoint fer2013 --checkpoint runs/x/vgg-small/model.ckpt --port 8080
+    curl -F image=@photo.jpg http://127.0.0.1:8000/v1/predict
+
+Endpoints: ``POST /v1/predict`` (multipart field ``image``, repeatable; a raw image body; or JSON
+``{"image": BASE64}`` / ``{"images": [...]}``, with or without a ``data:image/...;base64,`` prefix; optional
+``model`` and ``all_faces`` as query or JSON fields), ``GET /v1/models`` (each model's card), ``GET /healthz``,
+``GET /`` (the page) and ``GET /docs`` (OpenAPI).
+
+Requests share forward passes: a :class:`Batcher` per model collects the faces of requests that arrive within
+a few milliseconds and classifies them in one batch on its own thread, while decoding and face detection run
+in the server's thread pool, so the event loop never waits on a model. Bodies are read with a byte limit
+and refused as soon as they pass it; no request names a file on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import io
+import json
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+
+from ferlab.cards import public, summary
+from ferlab.data import IMAGE_FORMATS, BadImage, Decoded, NoFace, crop_policy, normalize_mode
+from ferlab.inference import Face, Model
+
+MAX_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+MAX_IMAGES = 16  # images in one request
+
+
+class Batcher:
+    """One model's forward passes: faces submitted from any thread within ``max_wait`` seconds of each other
+    (up to ``max_batch``) are classified together on this batcher's thread."""
+
+    def __init__(self, model: Model, max_batch: int = 64, max_wait: float = 0.004):
+        self.model, self.max_batch, self.max_wait = model, max_batch, max_wait
+        self.queue: queue.Queue[tuple[list[Decoded], concurrent.futures.Future]] = queue.Queue()
+        self.batches = 0
+        threading.Thread(target=self._run, name=f"ferlab-batcher-{model.label}", daemon=True).start()
+
+    def submit(self, crops: list[Decoded]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not crops:
+            future.set_result([])
+        else:
+            self.queue.put((crops, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            items = [self.queue.get()]
+            n = len(items[0][0])
+            deadline = time.monotonic() + self.max_wait
+            while n < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    items.append(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
+                n += len(items[-1][0])
+            live = [(c, f) for c, f in items if f.set_running_or_notify_cancel()]  # a gone client's are dropped
+            try:
+                faces = self.model.classify([c for crops, _ in live for c in crops])
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
+                for _, f in live:
+                    f.set_exception(e)
+                continue
+            self.batches += 1
+            k = 0
+            for crops, f in live:
+                f.set_result(faces[k : k + len(crops)])
+                k += len(crops)
+
+
+@dataclass
+class Upload:
+    data: bytes
+    name: str
+
+
+class Refused(HTTPException):
+    """An HTTP error whose ``detail`` is one sentence."""
+
+
+def _open(upload: Upload, max_pixels: int) -> Image.Image:
+    """Bytes -> upright RGB image, or a 413/415/422 saying why not."""
+    if not upload.data:
+        raise Refused(422, f"{upload.name} is empty.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(upload.data), formats=IMAGE_FORMATS)
+            if im.width * im.height > max_pixels:  # from the header, before any pixel is decoded
+                raise Refused(413, f"{upload.name} is {im.width}x{im.height}, over the limit of {max_pixels:,} pixels.")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except Refused:
+        raise
+    except UnidentifiedImageError:
+        raise Refused(
+            415, f"{upload.name} is not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)."
+        ) from None
+    except Image.DecompressionBombError:
+        raise Refused(413, f"{upload.name} is over the limit of {max_pixels:,} pixels.") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Refused(422, f"{upload.name} is truncated or corrupt ({e.__class__.__name__}).") from None
+    try:
+        return normalize_mode(im)
+    except BadImage as e:
+        raise Refused(415, f"{upload.name}: {e}.") from None
+
+
+def _base64(text: Any, name: str) -> Upload:
+    if not isinstance(text, str):
+        raise Refused(422, f"'{name}' must be a base64 string.")
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise Refused(422, f"'{name}' is a data URL without base64 content.")
+    try:
+        return Upload(base64.b64decode(text, validate=True), f"The base64 image {name}")
+    except (binascii.Error, ValueError):
+        raise Refused(422, f"'{name}' is not valid base64.") from None
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes, before it is all received."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"The request body is {int(declared):,} bytes, over the limit of {limit:,}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"The request body is over the limit of {limit:,} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _flag(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, Any]]:
+    """The uploaded images and options of a predict request, whatever its content type."""
+    body = await read_limited(request, limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options: dict[str, Any] = dict(request.query_params)
+    if ctype == "multipart/form-data":
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, receive).form(max_files=MAX_IMAGES, max_fields=16)
+        try:
+            files = [v for k, v in form.multi_items() if k == "image" and hasattr(v, "read")]
+            uploads = [Upload(await f.read(), f"The uploaded file '{f.filename or 'image'}'") for f in files]
+            options.update({k: v for k, v in form.multi_items() if not hasattr(v, "read")})
+        finally:
+            await form.close()  # large parts spool to temporary files: gone with the request
+        if not uploads:
+            raise Refused(422, "The form has no file in its 'image' field.")
+        return uploads, options
+    if ctype == "application/json":
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise Refused(422, "The JSON body is not valid JSON.") from None
+        if not isinstance(doc, dict):
+            raise Refused(422, 'The JSON body must be an object such as {"image": "<base64>"}.')
+        if "images" in doc:
+            if not isinstance(doc["images"], list) or not doc["images"]:
+                raise Refused(422, "'images' must be a non-empty list of base64 strings.")
+            uploads = [_base64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
+        elif "image" in doc:
+            uploads = [_base64(doc["image"], "image")]
+        else:
+            raise Refused(422, 'The JSON body needs an "image" (base64) or "images" (a list of them).')
+        options.update({k: v for k, v in doc.items() if k not in ("image", "images")})
+        return uploads, options
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+        if not body:
+            raise Refused(422, "The request has no body; send an image.")
+        return [Upload(body, "The request body")], options
+    raise Refused(415, f"Unsupported content type {ctype}; send multipart/form-data, JSON or an image body.")
+
+
+def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> FastAPI:
+    """The server's app: ``models`` by label, the first the default."""
+    by_name = {m.label: m for m in models}
+    batchers = {name: Batcher(m) for name, m in by_name.items()}
+    # decoding a large image takes memory: at most this many requests decode at once, the rest wait their turn
+    decoding = threading.BoundedSemaphore(4)
+    default = models[0].label
+    app = FastAPI(
+        title="ferlab",
+        description="Facial-emotion classification: upload a photo, get each face's box and emotion probabilities.",
+        version="1",
+    )
+
+    @app.exception_handler(HTTPException)
+    async def one_sentence(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return (resources.files("ferlab") / "web" / "index.html").read_text()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "models": list(by_name), "default": default}
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {
+            "default": default,
+            "models": [{**summary(m), "card": public(m.card)} for m in by_name.values()],
+        }
+
+    @app.post(
+        "/v1/predict",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                "model": {"type": "string"},
+                                "all_faces": {"type": "boolean"},
+                            },
+                            "required": ["image"],
+                        }
+                    },
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "string", "description": "base64, optionally a data: URL"},
+                                "images": {"type": "array", "items": {"type": "string"}},
+                                "model": {"type": "string"},
+                                "all_faces": {"type": "boolean"},
+                            },
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+                "required": True,
+            }
+        },
+    )
+    async def predict(request: Request) -> dict:
+        """Each face's box, label and probabilities for one image (or several: ``results``)."""
+        t0 = time.perf_counter()
+        uploads, options = await parse(request, max_bytes)
+        if len(uploads) > MAX_IMAGES:
+            raise Refused(413, f"{len(uploads)} images in one request; the limit is {MAX_IMAGES}.")
+        name = str(options.get("model") or default)
+        if name not in by_name:
+            raise Refused(404, f"No model called '{name}' is served here; served: {', '.join(by_name)}.")
+        model = by_name[name]
+        all_faces = _flag(options.get("all_faces", False))
+
+        def prepare() -> list[tuple[tuple[int, int], str, list[Decoded]]]:
+            out, pixels = [], 0
+            with decoding:
+                for up in uploads:
+                    im = _open(up, max_pixels - pixels)  # the pixel limit holds for the whole request
+                    pixels += im.width * im.height
+                    policy = crop_policy(model.pre, im.size)
+                    try:
+                        crops = model.prepare(im, all_faces=all_faces)
+                    except NoFace:
+                        crops = []
+                    out.append((im.size, policy, crops))  # the image itself is dropped here
+            return out
+
+        prepared = await run_in_threadpool(prepare)
+        future = batchers[name].submit([c for _, _, crops in prepared for c in crops])
+        faces: list[Face] = await asyncio.wrap_future(future)
+        results, k = [], 0
+        for (width, height), policy, crops in prepared:
+            mine = faces[k : k + len(crops)]
+            k += len(crops)
+            result: dict[str, Any] = {
+                "image": {"width": width, "height": height},
+                "faces": [{**f.as_dict(), "box": list(f.box) if f.box else [0, 0, width, height]} for f in mine],
+                "face_crop": policy,
+            }
+            if not crops:
+                result["note"] = "no face found"
+            elif crops[0].note:
+                result["note"] = crops[0].note
+            results.append(result)
+        elapsed = round(1000 * (time.perf_counter() - t0), 2)
+        if len(results) == 1:
+            return {"model": name, **results[0], "elapsed_ms": elapsed}
+        return {"model": name, "results": results, "elapsed_ms": elapsed}
+
+    return app
+
+
+def serve(models: list[Model], host: str, port: int, max_bytes: int) -> None:
+    import uvicorn
+
+    app = create_app(models, max_bytes)
+    print(f"ferlab: serving {', '.join(m.label for m in models)} on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
