@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -80,8 +79,9 @@ def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
     """Runs inside a child process: everything measured for one model."""
     from ferlab.config import DataConfig, TrainConfig
     from ferlab.data import load_data
+    from ferlab.inference import run_batches
     from ferlab.models import REGISTRY, create_model
-    from ferlab.train import fit_model, run_batches
+    from ferlab.train import fit_model
 
     data = load_data(DataConfig(data=split))
     transfer = REGISTRY[name].transfer
@@ -101,6 +101,8 @@ def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
         "epochs_timed": len(secs),
         "epoch_s_median": epoch_s,
         "train_images_per_s": len(data.splits["train"]) / epoch_s,
+        "precision": fit.precision,
+        "precision_note": fit.precision_note,
         "fit_s": total,
         "setup_s": total - sum(e["seconds"] for e in fit.epochs),
     }  # for transfer models: mostly the one-time frozen-feature pass
@@ -169,8 +171,10 @@ def main() -> None:
         print(json.dumps(one_model(a.one, a.split, a.epochs, a.precision)))
         return
 
+    from ferlab.precision import fingerprint
+
     env = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": fingerprint(),
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -251,8 +255,12 @@ def main() -> None:
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
 
+    print(f"machine: {env['machine']}")
+    for row in rows:
+        print(f"{row['model']}: {row['precision_note']}")
     cols = [
         "model",
+        "precision",
         "epoch_s_median",
         "keras_epoch_s",
         "ratio_ferlab_over_keras",

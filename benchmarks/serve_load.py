@@ -1,0 +1,173 @@
+"""Load on ``ferlab serve``: requests/s and latency percentiles for N concurrent clients, and a soak run's memory.
+
+usage:
+    python benchmarks/serve_load.py [--checkpoint fer2013] [--image FILE] [--clients 1 50] [--seconds 20]
+                                    [--soak 10000] [--json out.json]
+
+Starts ``ferlab serve`` on 127.0.0.1 (a free port) in a child process, waits for /healthz, then for each
+client count drives POST /v1/predict (multipart, one image) from that many concurrent asyncio clients for
+``--seconds`` (it stops by itself), and prints requests/s, p50/p95/p99 latency and the error count. With
+``--soak N`` it then sends N requests from 8 clients and samples the server's resident memory (VmRSS) every
+500 requests: it should stop growing after warm-up. The default image is a 640x480 photo composed from a
+CK+48 face (one face to detect and classify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+CKPLUS = HERE.parent.parent / "shared" / "datasets" / "ckplus48"
+
+
+def default_image() -> bytes:
+    """640x480 JPEG with one face (from CK+48 when present, else a blank frame)."""
+    canvas = Image.new("RGB", (640, 480), (110, 120, 135))
+    faces = sorted((CKPLUS / "happy").glob("*.png")) if CKPLUS.is_dir() else []
+    if faces:
+        canvas.paste(Image.open(faces[-1]).convert("RGB").resize((200, 200)), (220, 120))
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoints: list[str], port: int, log: Path | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "ferlab.cli", "serve", "--port", str(port)]
+    for c in checkpoints:
+        args += ["--checkpoint", c]
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the server's log stays open while it runs
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ferlab serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("ferlab serve did not answer /healthz within 60 s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def drive(url: str, image: bytes, clients: int, seconds: float = 0, total: int = 0, on_done=None) -> dict:
+    """``clients`` concurrent clients for ``seconds`` (or until ``total`` requests); latencies and errors."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    stop = time.perf_counter() + seconds if seconds else float("inf")
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal errors, sent
+        while time.perf_counter() < stop and (not total or sent < total):
+            sent += 1
+            t = time.perf_counter()
+            try:
+                r = await c.post(url, files={"image": ("photo.jpg", image, "image/jpeg")}, timeout=30)
+                ok = r.status_code == 200 and "faces" in r.json()
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - t)
+            errors += not ok
+            if on_done is not None:
+                on_done(len(latencies))
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as c:
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return 1000 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors,
+        "requests_per_s": len(lat) / wall,
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", action="append", default=[])
+    ap.add_argument("--image", help="the image every request sends (default: a composed 640x480 photo)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 50])
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--soak", type=int, default=0, help="requests of the memory soak (0: none)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    image = Path(args.image).read_bytes() if args.image else default_image()
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = start_server(args.checkpoint, port)
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    first = httpx.post(url, files={"image": ("photo.jpg", image, "image/jpeg")}, timeout=60)
+    startup = time.perf_counter() - t0
+    print(f"server start to first answer: {startup:.2f} s ({first.status_code}, {len(first.json()['faces'])} faces)")
+    results = {"startup_s": startup, "cpu": os.cpu_count(), "runs": []}
+    try:
+        for n in args.clients:
+            r = asyncio.run(drive(url, image, n, seconds=args.seconds))
+            results["runs"].append(r)
+            print(
+                f"{n:3d} clients: {r['requests_per_s']:7.1f} req/s, p50 {r['p50_ms']:7.1f} ms, p95 {r['p95_ms']:7.1f} "
+                f"ms, p99 {r['p99_ms']:7.1f} ms, {r['errors']} errors of {r['requests']}",
+                flush=True,
+            )
+        if len(results["runs"]) > 1:
+            base = results["runs"][0]["requests_per_s"]
+            for r in results["runs"][1:]:
+                ratio = r["requests_per_s"] / base
+                print(f"throughput {r['clients']} clients / {results['runs'][0]['clients']}: {ratio:.2f}x")
+        if args.soak:
+            samples = []
+
+            def sample(done: int) -> None:
+                if done % 500 == 0:
+                    samples.append((done, rss_mb(proc.pid)))
+
+            r = asyncio.run(drive(url, image, 8, total=args.soak, on_done=sample))
+            results["soak"] = {**r, "rss_mb": samples}
+            print(f"soak: {r['requests']} requests, {r['errors']} errors; resident memory (MB) every 500 requests:")
+            print("  " + " ".join(f"{mb:.0f}" for _, mb in samples))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
