@@ -87,6 +87,14 @@ requires_weights = pytest.mark.skipif(
 FAST = ["--image-size", "32", "--max-epochs", "3", "--no-progress"]
 
 
+def train_tiny(data: Path, out: Path, size: int = 32, epochs: int = 1) -> subprocess.CompletedProcess:
+    """`ferlab train` of a small regularized-cnn on a generated tree: a real checkpoint in seconds."""
+    return run_cli(
+        "train", str(data), "--model", "regularized-cnn", "--image-size", str(size), "--max-epochs", str(epochs),
+        "--no-progress", "--out", str(out),
+    )  # fmt: skip
+
+
 def only_run(out: Path) -> Path:
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     return run
@@ -119,3 +127,19 @@ def study(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(only_run(out))
     return data, test, runs
+
+
+@pytest.fixture(scope="session")
+def ck_model(tmp_path_factory) -> Path:
+    """vgg-small on CK+48 (6 classes, split by subject), 48 px, 12 epochs: a model trained on face crops, for the
+    tests of photos, unusual inputs, explanations and videos."""
+    if not CKPLUS.is_dir():
+        pytest.skip("../shared/datasets/ckplus48 is not present")
+    out = tmp_path_factory.mktemp("ckfaces")
+    r = run_cli(
+        "train", str(CKPLUS), "--model", "vgg-small", "--drop-classes", "contempt", "--group-by", r"^(S\d+)_",
+        "--image-size", "48", "--max-epochs", "12", "--patience", "0", "--schedule", "cosine", "--optimizer",
+        "sgd", "--lr", "0.05", "--weight-decay", "5e-4", "--augment", "on", "--no-progress", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return only_run(out)

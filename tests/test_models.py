@@ -12,7 +12,14 @@ from ferlab.summary import param_counts, summarize
 from .conftest import run_cli
 
 # (image size for the fast checks, classes)
-FAST_SIZE = {"baseline-cnn": 24, "regularized-cnn": 24, "vgg16-transfer": 32, "mobilenetv2-transfer": 32}
+FAST_SIZE = {
+    "baseline-cnn": 24,
+    "regularized-cnn": 24,
+    "vgg16-transfer": 32,
+    "mobilenetv2-transfer": 32,
+    "vgg-small": 16,
+    "vgg-medium": 16,
+}
 
 
 def test_registry_covers_the_study():
@@ -45,6 +52,8 @@ def test_forward_backward(name):
         ("regularized-cnn", 4_353_862, 4_353_862),
         ("vgg16-transfer", 15_246_150, 531_462),
         ("mobilenetv2-transfer", 3_541_766, 1_317_894),
+        ("vgg-small", 1_174_758, 1_174_758),
+        ("vgg-medium", 2_639_958, 2_639_958),
     ],
 )
 def test_exact_parameter_counts(name, total, trainable):

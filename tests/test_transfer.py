@@ -184,7 +184,7 @@ def test_backbone_size_travels_in_the_checkpoint(tmp_path):
 
 def test_inference_batches_shrink_with_the_backbone_input():
     """CPU inference passes: 12 images of a 224x224 backbone (faster per image than 64 there), 64 otherwise."""
-    from ferlab.train import _inference_batch
+    from ferlab.inference import inference_batch as _inference_batch
 
     cpu, x = torch.device("cpu"), torch.zeros(2, 3, 100, 100, dtype=torch.uint8)
     vgg = create_model("vgg16-transfer", 6, 100, "none", 224)

@@ -1,0 +1,217 @@
+"""The Python API and the inference floor: names, ferlab.analyze, calibration, precision choice, evaluate's maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ferlab
+from ferlab import inference, precision
+from ferlab.errors import FerlabError
+from ferlab.evaluate import expected_calibration_error, fit_temperature, map_classes
+from ferlab.predict import GRID_PANELS, natural_key
+
+from .conftest import make_tree, only_run, read_csv, run_cli, train_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_tree(root / "d", per_class=12)
+    r = train_tiny(data, root / "o", epochs=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return only_run(root / "o") / "regularized-cnn" / "model.ckpt"
+
+
+def test_an_existing_path_wins_over_a_name_and_unknown_names_list_the_shipped(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "PRETRAINED", {"fer2013": "fer2013.ckpt", "mine": "mine.ckpt"})
+    monkeypatch.setattr(inference, "pretrained_path", lambda n: tiny_model if n == "mine" else None)
+    assert inference.resolve("mine") == tiny_model
+    (tmp_path / "mine").write_bytes(b"x")  # a file called like the shipped model, in the working folder
+    monkeypatch.chdir(tmp_path)
+    assert inference.resolve("mine") == Path("mine")
+    with pytest.raises(
+        FerlabError, match=r"No checkpoint file or shipped model called 'nope' \(shipped models: mine\)"
+    ):
+        inference.resolve("nope")
+
+
+def test_analyze_takes_paths_arrays_pil_and_lists_and_matches_predict(tiny_model, tmp_path):
+    files = sorted((Path(tiny_model).parents[3] / "d" / "circle").iterdir())[:3]
+    r = run_cli("predict", "--checkpoint", str(tiny_model), *map(str, files), "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = [row["regularized-cnn_top3"] for row in read_csv(tmp_path / "p" / "prediction_results.csv")]
+
+    def top3(face: dict) -> str:
+        return " ".join(f"{c}:{p:.3f}" for c, p in sorted(face["probabilities"].items(), key=lambda kv: -kv[1])[:3])
+
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    one = ferlab.analyze(str(files[0]), model=str(tiny_model))
+    assert isinstance(one, list) and top3(one[0]) == want[0] and one[0]["face_found"] is False
+    assert abs(sum(one[0]["probabilities"].values()) - 1) < 1e-4
+    assert [top3(f[0]) for f in ferlab.analyze(list(map(str, files)), model=str(tiny_model))] == want
+    assert [top3(f[0]) for f in ferlab.analyze(arrays, model=str(tiny_model))] == want
+    bgr = [a[..., ::-1].copy() for a in arrays]
+    assert [top3(f[0]) for f in ferlab.analyze(bgr, model=str(tiny_model), bgr=True)] == want
+    assert top3(ferlab.analyze(Image.open(files[1]), model=str(tiny_model))[0]) == want[1]
+
+
+@pytest.mark.parametrize(
+    "image,message",
+    [
+        (np.zeros((32, 32, 3), np.float64), "the image is a float64 array; pass uint8 pixels"),
+        (np.zeros((2, 3, 32, 32), np.uint8), "the image is an array of shape (2, 3, 32, 32); pass H x W x 3"),
+        ([np.zeros((32, 32, 3), np.uint8), "nowhere.png"], "image 1 of the list: the file nowhere.png does not exist."),
+        (42, "the image is a int; pass a file path, a PIL image or a uint8 NumPy array"),
+    ],
+)
+def test_analyze_mistakes_are_one_sentence(tiny_model, image, message):
+    with pytest.raises(FerlabError) as e:
+        ferlab.analyze(image, model=str(tiny_model))
+    assert message in str(e.value)
+
+
+def test_analyze_with_a_face_required_refuses_a_photo_without_one(tiny_model):
+    photo = np.full((600, 800, 3), 127, np.uint8)  # a photo-sized image for a model of 40 px crops: detection runs
+    faces = ferlab.analyze(photo, model=str(tiny_model))
+    assert faces[0]["face_found"] is False and faces[0]["box"] is None
+    with pytest.raises(FerlabError, match="No face found in the image."):
+        ferlab.analyze(photo, model=str(tiny_model), require_face=True)
+    with pytest.raises(
+        FerlabError, match="No model file or shipped model|No checkpoint file or shipped model called 'nope'"
+    ):
+        ferlab.analyze(photo, model="nope")
+
+
+def test_temperature_scaling_fixes_overconfident_logits():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2000,))
+    clean = torch.nn.functional.one_hot(labels, 4).float() * 1.5 + torch.randn(2000, 4)  # ~70% right
+    logits = clean * 4  # the same ranking, four times too sure
+    t = fit_temperature(logits, labels)
+    assert 2.0 < t < 6.0  # the noisy logits were not calibrated at x1 either
+    before = expected_calibration_error(logits.softmax(1), labels)
+    after = expected_calibration_error((logits / t).softmax(1), labels)
+    assert after < before / 3
+
+
+def test_class_names_meet_through_synonyms_and_maps():
+    mapping, notes = map_classes(
+        ["anger", "happiness", "sadness", "surprised", "contempt"],
+        ["angry", "happy", "sad", "surprise", "fear"],
+        {"contempt": "angry"},
+        [],
+    )
+    assert mapping == {
+        "anger": "angry",
+        "happiness": "happy",
+        "sadness": "sad",
+        "surprised": "surprise",
+        "contempt": "angry",
+    }
+    assert "anger -> angry" in notes
+    with pytest.raises(FerlabError, match=r"The data has classes the model does not know: contempt \(it knows"):
+        map_classes(["anger", "contempt"], ["angry", "happy"], {}, [])
+    assert map_classes(["anger", "contempt"], ["angry", "happy"], {}, ["contempt"])[0] == {"anger": "angry"}
+
+
+@pytest.mark.slow
+def test_evaluate_maps_drops_says_baselines_and_warns_of_training_overlap(tiny_model, tmp_path):
+    data = Path(tiny_model).parents[3] / "d"
+    other = tmp_path / "other"
+    for cls, name in (("circle", "Circle"), ("square", "square"), ("triangle", "triangle")):
+        (other / name).mkdir(parents=True)
+        for f in sorted((data / cls).iterdir())[:4]:
+            (other / name / f.name).write_bytes(f.read_bytes())
+    (other / "hexagon").mkdir()
+    (other / "hexagon" / "h.png").write_bytes(f.read_bytes())
+    (other / "ring").mkdir()
+    (other / "ring" / "r.png").write_bytes(f.read_bytes())
+    r = run_cli("evaluate", str(tiny_model), str(other), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "does not know: hexagon, ring" in r.stderr and "map them with --class-map" in r.stderr
+    r = run_cli(
+        "evaluate", str(tiny_model), str(other), "--class-map", "ring=circle", "--drop-classes", "hexagon",
+        "--out", str(tmp_path / "e"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mapped classes: Circle -> circle, ring -> circle" in r.stderr and "dropped classes: hexagon" in r.stderr
+    assert "chance 0.3333, majority class (circle) 0.3846" in r.stdout  # 5 of 13
+    assert "were among this model's own training images" in r.stderr  # these files trained it
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["overlap"]["train"] + m["overlap"]["val"] >= 8 and (tmp_path / "e" / "reliability.png").is_file()
+
+
+def test_natural_order():
+    names = ["img10.png", "img2.png", "img1.png", "IMG3.png"]
+    assert sorted(names, key=lambda n: natural_key(Path(n))) == ["img1.png", "img2.png", "IMG3.png", "img10.png"]
+
+
+@pytest.mark.slow
+def test_predict_pages_the_grid_and_shows_truth_only_when_known(tiny_model, tmp_path):
+    many = make_tree(tmp_path / "many", per_class=20)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(many.glob("*/*.png"))):
+        (flat / f"img{i}.png").write_bytes(f.read_bytes())
+    r = run_cli("predict", "--checkpoint", str(tiny_model), str(flat), "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_csv(tmp_path / "p" / "prediction_results.csv")
+    assert [Path(row["filename"]).name for row in rows[:3]] == ["img0.png", "img1.png", "img2.png"]
+    assert [Path(row["filename"]).name for row in rows][10] == "img10.png"
+    pages = sorted((tmp_path / "p").glob("prediction_grid*.png"))
+    assert [p.name for p in pages] == ["prediction_grid.png", "prediction_grid_2.png"]  # 60 rows: 48 + 12
+    assert GRID_PANELS == 48
+    from ferlab.predict import grid_size
+
+    assert Image.open(pages[0]).size == grid_size(48, 1, truth=False)  # no "true: ?" line without labels
+    assert "and 1 more pages" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------- precision auto
+
+
+def test_auto_precision_is_measured_once_cached_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or (0.30, 0.10))
+    first = precision.choose("regularized-cnn", 3, 32, 16)
+    assert (first.precision, first.speedup, first.cached) == ("bf16-mixed", 3.0, False) and calls == [32]
+    again = precision.choose("regularized-cnn", 3, 32, 16)
+    assert again.cached and again.precision == "bf16-mixed" and calls == [32]  # no second timing
+    assert "bf16 mixed precision 3.0x faster than fp32" in again.message("regularized-cnn")
+    monkeypatch.setattr(precision, "fingerprint", lambda: "another CPU | avx2 | 2 threads | torch x")
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or (0.10, 0.20))
+    other = precision.choose("regularized-cnn", 3, 32, 16)
+    assert other.precision == "32" and calls == [32, 32]  # a new machine measures again
+    forced = precision.choose("regularized-cnn", 3, 32, 16, precision="bf16-mixed")
+    assert forced.measured == "forced" and calls == [32, 32]
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    assert len(cache) == 2
+
+
+@pytest.mark.slow
+def test_the_chosen_precision_lands_in_the_run_and_the_checkpoint(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=8)
+    r = train_tiny(data, tmp_path / "o")
+    assert r.returncode == 0 and "ferlab: precision " in r.stderr, r.stderr[-2000:]
+    run = only_run(tmp_path / "o")
+    chosen = json.loads((run / "run.json").read_text())["precision"]["regularized-cnn"]
+    assert chosen.startswith("precision ") and "measured" in chosen
+    card = inference.load_model(run / "regularized-cnn" / "model.ckpt").card
+    assert card["training"]["precision"] in ("32", "bf16-mixed") and card["training"]["precision_note"] == chosen
+    assert card["training"]["precision"] in chosen and card["training"]["config"]["precision"] == "auto"
+
+
+def test_summary_takes_a_checkpoint_as_well_as_a_name(tiny_model):
+    by_file = run_cli("summary", str(tiny_model))
+    by_name = run_cli("summary", "regularized-cnn", "--num-classes", "3", "--image-size", "32")
+    assert by_file.returncode == 0 and by_name.returncode == 0, by_file.stderr
+    assert by_file.stdout.splitlines()[-4:] == by_name.stdout.splitlines()[-4:]  # the same totals
+    assert "314,819" in by_file.stdout
+    r = run_cli("summary", "no-such-model")
+    assert r.returncode == 2 and "No checkpoint file or shipped model called 'no-such-model'" in r.stderr

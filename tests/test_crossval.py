@@ -1,0 +1,114 @@
+"""Cross-validation: folds by group and class, statistics checked by hand, a tiny --folds 3 run through the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from ferlab.config import DataConfig
+from ferlab.data import assign_folds, load_data
+from ferlab.errors import FerlabError
+from ferlab.stats import holm, mcnemar_exact, mean_interval
+
+from .conftest import make_tree, only_run, read_csv, run_cli
+
+
+def test_every_group_is_in_exactly_one_test_fold_and_classes_are_balanced():
+    rng = np.random.default_rng(0)
+    labels, groups = [], []
+    for g in range(40):  # 40 subjects, each with 1-3 classes and 2-6 images per class
+        for c in rng.choice(4, rng.integers(1, 4), replace=False):
+            for _ in range(rng.integers(2, 7)):
+                labels.append(int(c))
+                groups.append(f"S{g}")
+    labels = np.array(labels)
+    fold = assign_folds(labels, groups, 5, 4, ["a", "b", "c", "d"], seed=0)
+    by_group = defaultdict(set)
+    for g, f in zip(groups, fold):
+        by_group[g].add(int(f))
+    assert all(len(f) == 1 for f in by_group.values()) and set(fold) == set(range(5))
+    for c in range(4):  # each class's groups spread over the folds within one group of each other
+        per_fold = Counter(next(iter(by_group[g])) for g in {g for g, y in zip(groups, labels) if y == c})
+        counts = [per_fold.get(k, 0) for k in range(5)]
+        assert max(counts) - min(counts) <= 1, (c, counts)
+
+
+def test_validation_is_carved_by_group_from_the_training_folds(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=20, groups=10)
+    seen = defaultdict(set)
+    for k in range(3):
+        d = load_data(DataConfig(data=str(data), image_size=16, group_by=r"^(G\d+)_"), seed=0, fold=(k, 3))
+        where = {r.group: r.split for r in d.manifest}
+        for r in d.manifest:
+            assert where[r.group] == r.split  # no group in both a fold's train and val (or test)
+            if r.split == "test":
+                seen[r.group].add(k)
+        assert {r.split for r in d.manifest} == {"train", "val", "test"}
+    assert sorted(seen) == [f"G{i}" for i in range(10)] and all(len(v) == 1 for v in seen.values())
+
+
+def test_impossible_folds_are_one_sentence():
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    with pytest.raises(FerlabError, match="--folds 5 needs at least 5 groups; the data has 4"):
+        assign_folds(labels, ["a", "b", "c", "d", "c", "d"], 5, 2, ["x", "y"], 0)
+    with pytest.raises(FerlabError, match="Class 'x' has images from only 2 groups, fewer than --folds 3"):
+        assign_folds(labels, ["a", "b", "c", "d", "e", "f"], 3, 2, ["x", "y"], 0)
+
+
+def test_pooled_mcnemar_and_holm_against_hand_computed_values():
+    # A right & B wrong on 7 images, the reverse on 1: two-sided exact p = 2 * (1 + 8) / 2**8
+    a = [True] * 7 + [False] + [True] * 20
+    b = [False] * 7 + [True] + [True] * 20
+    assert mcnemar_exact(a, b) == (7, 1, 2 * 9 / 256)
+    # Holm for p = 0.01, 0.04, 0.03: sorted 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.06, 0.04*1) = 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.2, 0.001]) == pytest.approx([0.2, 0.002])
+    mean, sd, lo, hi = mean_interval([0.8, 0.9, 0.85, 0.95, 0.75])
+    # t(0.975, 4) = 2.7764: 0.85 +- 2.7764 * 0.0791 / sqrt(5)
+    assert (mean, round(sd, 4)) == (pytest.approx(0.85), 0.0791) and hi - mean == pytest.approx(0.0982, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_folds_3_through_the_cli_and_identical_summaries_with_one_seed(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=18, groups=9)
+    args = [
+        "run", str(data), "--group-by", r"^(G\d+)_", "--folds", "3", "--seeds", "0", "1",
+        "--models", "regularized-cnn", "vgg-small", "--image-size", "24", "--max-epochs", "3", "--no-progress",
+    ]  # fmt: skip
+    runs = []
+    for name in ("a", "b"):
+        r = run_cli(*args, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(only_run(tmp_path / name))
+    a, b = runs
+    assert (a / "cv_summary.csv").read_text() == (b / "cv_summary.csv").read_text()
+    assert (a / "cv_pairs.csv").read_text() == (b / "cv_pairs.csv").read_text()
+    summary = {r["model"]: r for r in read_csv(a / "cv_summary.csv")}
+    assert set(summary) == {"regularized-cnn", "vgg-small"}
+    assert summary["vgg-small"]["folds"] == "3" and summary["vgg-small"]["seeds"] == "2"
+    assert int(summary["vgg-small"]["pooled_n"]) == 54  # every image predicted once, out of fold
+    for k in (1, 2, 3):
+        for s in (0, 1):
+            assert (a / f"fold-{k}" / f"seed-{s}" / "test_accuracy_comparison.csv").is_file()
+    pair = read_csv(a / "cv_pairs.csv")[0]
+    assert len(pair["fold_differences"].split()) == 3
+    assert any(w in pair["verdict"] for w in ("not distinguishable on 9 test subjects", " better ", " worse "))
+    html = (a / "report.html").read_text()
+    assert "Cross-validation" in html and "cv-folds.png" not in html  # figures are embedded
+    cv = json.loads((a / "cv.json").read_text())
+    assert cv["groups"] == 9 and len(cv["per_fold"]["vgg-small"]) == 3
+    # a finished fold is never recomputed: resuming a finished run is refused, and a run that lost its last
+    # fold computes only that one, to the same summary
+    r = run_cli("run", "--resume", str(a))
+    assert r.returncode == 2 and "finished already" in r.stderr
+    import shutil
+
+    shutil.rmtree(a / "fold-3")
+    (a / "status.json").write_text('{"state": "incomplete", "reason": "killed"}')
+    r = run_cli("run", "--resume", str(a))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("finished in an earlier run; not computed again") == 4  # folds 1-2, two seeds each
+    assert (a / "cv_summary.csv").read_text() == (b / "cv_summary.csv").read_text()

@@ -1,0 +1,191 @@
+"""Explanations that pass the sanity checks, and emotion timelines of generated videos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ferlab.explain import heatmaps, region_share
+from ferlab.inference import load_model
+from ferlab.video import is_video
+
+from .conftest import CKPLUS, only_run, read_csv, requires_ckplus, run_cli
+
+REGION = (2, 2, 12, 12)  # x, y, w, h: the only place where the two classes differ
+
+
+def region_image(cls: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    a = rng.integers(40, 216, (size, size, 3)).astype(np.uint8)
+    x, y, w, h = REGION
+    a[y : y + h, x : x + w] = (235, 235, 235) if cls == 0 else (20, 20, 20)
+    a[y : y + h, x : x + w] += rng.integers(0, 15, (h, w, 3)).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+@pytest.fixture(scope="module")
+def region_model(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    root = tmp_path_factory.mktemp("region")
+    rng = np.random.default_rng(0)
+    for cls, name in enumerate(("bright", "dark")):
+        (root / "d" / name).mkdir(parents=True)
+        for i in range(60):
+            region_image(cls, rng).save(root / "d" / name / f"{i}.png")
+    r = run_cli(
+        "train", str(root / "d"), "--model", "regularized-cnn", "--image-size", "32", "--max-epochs", "6",
+        "--no-progress", "--precision", "32", "--out", str(root / "o"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    crops = [np.asarray(region_image(i % 2, rng)) for i in range(16)]
+    return only_run(root / "o") / "regularized-cnn" / "model.ckpt", crops
+
+
+@pytest.mark.slow
+def test_gradcam_looks_at_the_deciding_region_and_changes_with_random_weights(region_model):
+    ck, crops = region_model
+    model = load_model(ck)
+    targets = [i % 2 for i in range(len(crops))]
+    assert (model.probabilities(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)).argmax(1).tolist()) == targets
+    maps = heatmaps(model, crops, targets, "gradcam")
+    assert maps.shape == (16, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+    x, y, w, h = REGION
+    grown = (max(0, x - 2), max(0, y - 2), w + 4, h + 4)  # Grad-CAM's coarse map spills over the edge a little
+    shares = [region_share(m, grown) for m in maps]
+    assert np.median(shares) > 0.5, shares  # the region is 20% of the image
+    occl = heatmaps(model, crops, targets, "occlusion")
+    assert np.median([region_share(m, grown) for m in occl]) > 0.5
+    # the model-parameter randomisation test (Adebayo et al. 2018): random weights, different maps (on a copy:
+    # loaded models are shared within a process)
+    import copy
+
+    from ferlab.inference import Model, TorchRuntime
+
+    randomised = copy.deepcopy(model.runtime.net)
+    torch.manual_seed(1)
+    for p in randomised.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    random_maps = heatmaps(Model("random", TorchRuntime(randomised), model.card), crops, targets, "gradcam")
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, random_maps) if b.std() > 0]
+    assert np.nanmedian(corr) < 0.5, corr
+
+
+@pytest.mark.slow
+def test_predict_explain_writes_heatmaps_and_a_grid(region_model, tmp_path):
+    ck, _ = region_model
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        region_image(i % 2, rng).save(tmp_path / f"img{i}.png")
+    r = run_cli(
+        "predict",
+        "--checkpoint",
+        str(ck),
+        *(str(tmp_path / f"img{i}.png") for i in range(3)),
+        "--explain",
+        "--out",
+        str(tmp_path / "p"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = sorted(p.name for p in (tmp_path / "p" / "explanations").iterdir())
+    assert out == [f"img{i}_regularized-cnn.png" for i in range(3)]
+    grid = Image.open(tmp_path / "p" / "explanation_grid.png")
+    assert grid.height >= 3 * 120
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 10) -> None:
+    h, w = frames[0].shape[:2]
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for f in frames:
+        out.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    out.release()
+
+
+def ck_faces(cls: str, n: int, side: int) -> list[np.ndarray]:
+    files = sorted((CKPLUS / cls).iterdir())[-n:]  # the last frames: the peak of the expression
+    return [np.asarray(Image.open(f).convert("RGB").resize((side, side))) for f in files]
+
+
+@pytest.fixture(scope="module")
+def face_video(tmp_path_factory) -> Path:
+    """40 frames at 10 fps: a CK+48 face drifting right, happy for 2 s then surprised for 2 s."""
+    root = tmp_path_factory.mktemp("video")
+    happy, surprise = ck_faces("happy", 1, 150)[0], ck_faces("surprise", 1, 150)[0]
+    rng = np.random.default_rng(0)
+    bg = rng.integers(90, 150, (480, 640, 3)).astype(np.uint8)
+    frames = []
+    for i in range(40):
+        f = bg.copy()
+        x = 120 + 6 * i
+        f[150:300, x : x + 150] = happy if i < 20 else surprise
+        frames.append(f)
+    write_video(root / "faces.mp4", frames)
+    return root / "faces.mp4"
+
+
+@requires_ckplus
+@pytest.mark.slow
+def test_a_video_face_is_tracked_classified_and_its_change_seen(face_video, ck_model, tmp_path):
+    ck = ck_model / "vgg-small" / "model.ckpt"
+    assert is_video(face_video) and not is_video(sorted((CKPLUS / "happy").iterdir())[0])
+    r = run_cli(
+        "predict",
+        "--checkpoint",
+        str(ck),
+        str(face_video),
+        "--every",
+        "2",
+        "--smooth",
+        "0.3",
+        "--out",
+        str(tmp_path / "v"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_csv(tmp_path / "v" / "video_frames.csv")
+    assert [int(r["frame"]) for r in rows] == list(range(0, 40, 2))  # one row per sampled frame and face
+    assert {r["track"] for r in rows} == {"1"}  # the drifting face keeps its track
+    labels = [r["label"] for r in rows]
+    assert labels[2] == "happy" and labels[-1] == "surprise"
+    change = next(i for i, label in enumerate(labels) if label == "surprise")
+    assert 9 <= change <= 13, labels  # the switch is at frame 20 (row 10); smoothing may delay it a little
+    summary = read_csv(tmp_path / "v" / "video_summary.csv")
+    assert len(summary) == 1 and 0.3 <= float(summary[0]["share_happy"]) <= 0.7
+    cap = cv2.VideoCapture(str(tmp_path / "v" / "annotated.mp4"))
+    assert cap.get(cv2.CAP_PROP_FRAME_COUNT) == 20
+    assert (tmp_path / "v" / "timeline_track1.png").is_file()
+
+
+@pytest.mark.slow
+def test_truncated_empty_and_non_videos(tmp_path, region_model):
+    ck, _ = region_model
+    frames = [np.full((120, 160, 3), 8 * i, np.uint8) for i in range(30)]
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(tmp_path / "whole.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    data = (tmp_path / "whole.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    r = run_cli(
+        "predict",
+        "--checkpoint",
+        str(ck),
+        str(tmp_path / "cut.avi"),
+        "--face-crop",
+        "off",
+        "--out",
+        str(tmp_path / "cut"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("ferlab: warning:") == 1 and "stopped being decodable after frame" in r.stderr
+    rows = read_csv(tmp_path / "cut" / "video_frames.csv")
+    assert 0 < len(rows) < 30  # what could be read
+    cv2.VideoWriter(str(tmp_path / "zero.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h)).release()
+    r = run_cli("predict", "--checkpoint", str(ck), str(tmp_path / "zero.avi"), "--out", str(tmp_path / "zero"))
+    assert r.returncode == 2 and "holds no frame that could be decoded; nothing was written." in r.stderr
+    assert not (tmp_path / "zero" / "video_frames.csv").exists()
+    (tmp_path / "notes.mp4").write_text("no video here")
+    r = run_cli("predict", "--checkpoint", str(ck), str(tmp_path / "notes.mp4"), "--out", str(tmp_path / "n"))
+    assert r.returncode == 2 and "holds no video stream OpenCV can read" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,264 @@
+"""ferlab serve: every endpoint and refusal, the same probabilities as ferlab predict, the page in a real browser."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferlab.predict import load_models
+from ferlab.serve import create_app
+
+from .conftest import read_csv, run_cli
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def png(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_file(study) -> Path:
+    _, _, (run, _) = study
+    return run / "regularized-cnn" / "model.ckpt"
+
+
+@pytest.fixture(scope="module")
+def client(model_file):
+    from fastapi.testclient import TestClient
+
+    app = create_app(load_models([str(model_file)]), max_bytes=300_000, max_pixels=40_000_000)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.mark.slow
+def test_endpoints_answer(client):
+    h = client.get("/healthz").json()
+    assert h == {"status": "ok", "models": ["regularized-cnn"], "default": "regularized-cnn"}
+    m = client.get("/v1/models").json()
+    assert m["models"][0]["classes"] == ["circle", "square", "triangle"] and "card" in m["models"][0]
+    page = client.get("/")
+    assert page.status_code == 200 and "getUserMedia" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web font: works offline
+    assert client.get("/docs").status_code == 200 and "/v1/predict" in client.get("/openapi.json").text
+
+
+@pytest.mark.slow
+def test_the_same_image_gives_the_same_probabilities_as_ferlab_predict(client, study, model_file, tmp_path):
+    _, test, _ = study
+    files = sorted((test / "circle").iterdir())[:3] + sorted((test / "square").iterdir())[:3]
+    r = run_cli("predict", "--checkpoint", str(model_file), *map(str, files), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = {
+        Path(row["filename"]).name: row["regularized-cnn_top3"] for row in read_csv(tmp_path / "prediction_results.csv")
+    }
+    for f in files:
+        data = f.read_bytes()
+        answers = [
+            client.post("/v1/predict", files={"image": (f.name, data, "image/png")}).json(),
+            client.post("/v1/predict", content=data, headers={"content-type": "image/png"}).json(),
+            client.post("/v1/predict", json={"image": base64.b64encode(data).decode()}).json(),
+            client.post(
+                "/v1/predict", json={"image": "data:image/png;base64," + base64.b64encode(data).decode()}
+            ).json(),
+        ]
+        for a in answers:
+            top = sorted(a["faces"][0]["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+            assert " ".join(f"{c}:{p:.3f}" for c, p in top) == want[f.name]
+            assert (
+                a["image"] == {"width": 40, "height": 40}
+                and a["face_crop"] == "off"
+                and a["model"] == "regularized-cnn"
+            )
+            assert abs(sum(a["faces"][0]["probabilities"].values()) - 1) < 1e-4
+    batch = client.post("/v1/predict", files=[("image", (f.name, f.read_bytes(), "image/png")) for f in files]).json()
+    assert len(batch["results"]) == len(files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind,status,detail",
+    [
+        ("big", 413, "The request body is 400,000 bytes, over the limit of 300,000."),
+        ("text", 415, "The request body is not an image this server can read"),
+        ("truncated", 422, "The request body is truncated or corrupt"),
+        ("float", 415, "unsupported image mode F"),
+        ("bomb", 413, "over the limit of 40,000,000 pixels"),
+        ("base64", 422, "'image' is not valid base64."),
+        ("path", 422, "'image' is not valid base64."),
+        ("form", 422, "The form has no file in its 'image' field."),
+        ("model", 404, "No model called 'nope' is served here; served: regularized-cnn."),
+        ("type", 415, "Unsupported content type text/csv"),
+    ],
+)
+def test_bad_requests_get_one_sentence(client, kind, status, detail, tmp_path):
+    good = png(Image.new("RGB", (40, 40), (90, 90, 90)))
+    buf = io.BytesIO()
+    Image.fromarray(np.ones((8, 8), np.float32)).save(buf, "TIFF")
+    post = {
+        "big": lambda: client.post("/v1/predict", content=b"\0" * 400_000, headers={"content-type": "image/png"}),
+        "text": lambda: client.post("/v1/predict", content=b"hello", headers={"content-type": "image/png"}),
+        "truncated": lambda: client.post(
+            "/v1/predict", content=good[: len(good) // 2], headers={"content-type": "image/png"}
+        ),
+        "float": lambda: client.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/tiff"}),
+        "bomb": lambda: client.post(
+            "/v1/predict", content=png(Image.new("1", (8000, 6000))), headers={"content-type": "image/png"}
+        ),
+        "base64": lambda: client.post("/v1/predict", json={"image": "@@@"}),
+        "path": lambda: client.post("/v1/predict", json={"image": "/etc/passwd"}),
+        "form": lambda: client.post("/v1/predict", data={"model": "regularized-cnn"}, files={"other": ("a.png", good)}),
+        "model": lambda: client.post("/v1/predict?model=nope", content=good, headers={"content-type": "image/png"}),
+        "type": lambda: client.post("/v1/predict", content=b"a,b", headers={"content-type": "text/csv"}),
+    }[kind]
+    r = post()
+    assert r.status_code == status and detail in r.json()["detail"], r.text
+
+
+@pytest.mark.slow
+def test_no_face_is_a_note_not_an_error(client):
+    r = client.post(
+        "/v1/predict", content=png(Image.new("RGB", (900, 700), (0, 0, 0))), headers={"content-type": "image/png"}
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["face_crop"] == "auto"  # a photo, unlike the 40 px training images
+    assert body["note"] == "no face found: the whole image was classified" and not body["faces"][0]["face_found"]
+    assert body["faces"][0]["unusual"] == "blank image (no contrast)"
+
+
+def _serve_in_thread(model_file: Path, port: int):
+    import uvicorn
+
+    app = create_app(load_models([str(model_file)]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(model_file):
+    port = _free_port()
+    server = _serve_in_thread(model_file, port)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+
+
+@pytest.mark.slow
+def test_a_streamed_body_over_the_limit_is_refused_before_it_ends(live):
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        for _ in range(400):  # 400 x 64 kB = 25 MB, no content-length: the server stops reading at 10 MB
+            sent += 1
+            yield b"\0" * 65536
+
+    try:
+        r = httpx.post(f"{live}/v1/predict", content=chunks(), headers={"content-type": "image/png"}, timeout=60)
+        assert r.status_code == 413 and "over the limit of 10,485,760 bytes" in r.json()["detail"]
+    except httpx.HTTPError:
+        pass  # the server may close the connection on us instead: it refused either way
+    assert sent < 400  # it did not wait for the whole body
+    assert httpx.get(f"{live}/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_clients_that_vanish_mid_upload_leave_the_server_healthy(live):
+    host, port = live.removeprefix("http://").split(":")
+    for _ in range(5):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            + b"\x89PNG" * 100
+        )
+        s.close()  # gone half-way through its body
+    r = httpx.post(
+        f"{live}/v1/predict",
+        content=png(Image.new("RGB", (40, 40), (200, 10, 10))),
+        headers={"content-type": "image/png"},
+    )
+    assert r.status_code == 200 and httpx.get(f"{live}/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_eight_clients_for_five_seconds_without_an_error(live):
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    image = png(Image.new("RGB", (40, 40), (120, 60, 30)))
+    result = asyncio.run(load.drive(f"{live}/v1/predict", image, clients=8, seconds=5))
+    assert result["errors"] == 0 and result["requests"] > 40, result
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_the_page_uploads_a_photo_and_draws_each_face_in_a_real_browser(live, study, tmp_path):
+    if chromium() is None:
+        if os.environ.get("FERLAB_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    _, test, _ = study
+    photo = sorted((test / "triangle").iterdir())[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium(),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-width window
+        page.goto(live + "/")
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.body.dataset.faces !== undefined", timeout=30000)
+        text = page.inner_text("#faces")
+        label = httpx.post(
+            f"{live}/v1/predict", content=photo.read_bytes(), headers={"content-type": "image/png"}
+        ).json()["faces"][0]["label"]
+        assert f"Face 1: {label}" in text and "%" in text
+        # the canvas shows the photo with a coloured box: not blank, and the box colour is on it
+        pixels = page.evaluate(
+            "(() => { const c = document.getElementById('canvas'); const d = c.getContext('2d')"
+            ".getImageData(0, 0, c.width, c.height).data;"
+            " return [c.width, c.height, Array.from(d.slice(0, 4 * c.width))]; })()"
+        )
+        width, height, top_row = pixels
+        assert (width, height) == (40, 40)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    # the first face's box is drawn in the page's first colour (#2e6bd8) along the photo's top edge
+    rgba = np.array(top_row).reshape(-1, 4)[:, :3]
+    assert (np.abs(rgba - [46, 107, 216]).max(1) < 40).sum() >= 10
