@@ -138,7 +138,8 @@ def test_predict_takes_correct_classes_from_a_labels_file(study, tmp_path):
     flat.mkdir()
     for i, f in enumerate(files):  # a flat folder: no class in the path, so the labels file must tell
         (flat / f"img{i}.png").write_bytes(f.read_bytes())
-    (tmp_path / "labels.csv").write_text("filename,label\nimg0.png,circle\nimg1.png,square\n")
+    # as a spreadsheet saves it: a byte-order mark before the header
+    (tmp_path / "labels.csv").write_text("filename,label\nimg0.png,circle\nimg1.png,square\n", encoding="utf-8-sig")
     r = run_cli(
         "predict",
         "--checkpoint",
@@ -179,6 +180,7 @@ def _one_error_line(r, message: str) -> None:
         ("unknown-model", "Unknown model 'resnet'; choose from: baseline-cnn, regularized-cnn"),
         ("bad-checkpoint", "is not a ferlab checkpoint or is corrupted"),
         ("bad-config", "Unknown config key 'train.epochs'; expected one of: max_epochs,"),
+        ("out-is-a-file", "cannot use {tmp}/out: file exists."),
     ],
 )
 def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
@@ -192,11 +194,14 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     elif case == "bad-checkpoint":
         (tmp_path / "x.ckpt").write_bytes(b"garbage")
         r = run_cli("evaluate", str(tmp_path / "x.ckpt"), str(make_tree(tmp_path / "d", per_class=2)))
+    elif case == "out-is-a-file":
+        out.write_text("not a folder")
+        r = run_cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", str(out))
     else:
         (tmp_path / "c.yaml").write_text("train:\n  epochs: 3\n")
         r = run_cli("run", "--config", str(tmp_path / "c.yaml"), "--out", str(out))
     _one_error_line(r, message.format(tmp=tmp_path))
-    assert not out.exists() or not any(out.iterdir()), "a failed start must not leave a half-made run folder"
+    assert not out.is_dir() or not any(out.iterdir()), "a failed start must not leave a half-made run folder"
 
 
 def test_config_merge_is_strict_and_typed():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ferlab.config import DataConfig
+from ferlab.crossval import verdict
 from ferlab.data import assign_folds, load_data
 from ferlab.errors import FerlabError
 from ferlab.stats import holm, mcnemar_exact, mean_interval
@@ -112,3 +113,16 @@ def test_folds_3_through_the_cli_and_identical_summaries_with_one_seed(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("finished in an earlier run; not computed again") == 4  # folds 1-2, two seeds each
     assert (a / "cv_summary.csv").read_text() == (b / "cv_summary.csv").read_text()
+
+
+def test_the_verdict_needs_the_pooled_test_and_the_per_fold_interval_to_agree():
+    row = {"model_a": "A", "model_b": "B", "a_right_b_wrong": 30, "a_wrong_b_right": 10, "holm_p": 0.002}
+    agree = verdict({**row, "diff_ci95_low": 0.01, "diff_ci95_high": 0.09}, 9, "test subjects")
+    assert agree == "A is better than B (Holm-corrected p = 0.002; per-fold difference +0.010 to +0.090)"
+    folds_disagree = verdict({**row, "diff_ci95_low": -0.04, "diff_ci95_high": 0.09}, 9, "test subjects")
+    assert folds_disagree.startswith("A and B are not distinguishable on 9 test subjects")
+    assert "the per-fold interval includes 0" in folds_disagree
+    worse = {**row, "a_right_b_wrong": 10, "a_wrong_b_right": 30, "diff_ci95_low": -0.09, "diff_ci95_high": -0.01}
+    assert verdict(worse, 9, "test subjects").startswith("A is worse than B")
+    weak = verdict({**row, "holm_p": 0.2, "diff_ci95_low": 0.01, "diff_ci95_high": 0.09}, 9, "test subjects")
+    assert weak == "A and B are not distinguishable on 9 test subjects (Holm-corrected p = 0.2)"

@@ -135,6 +135,17 @@ def test_presplit_tree_and_separate_test_folder(tmp_path):
     assert len(data.splits["test"]) == 15 and len(data.splits["train"]) + len(data.splits["val"]) == 30
 
 
+def test_grayscale_training_makes_colour_test_images_grayscale_too(tmp_path):
+    make_tree(tmp_path / "train", per_class=10)
+    for f in (tmp_path / "train").rglob("*.png"):
+        Image.open(f).convert("L").save(f)
+    make_tree(tmp_path / "colour", per_class=4, seed=5)
+    data = load_data(DataConfig(data=str(tmp_path / "train"), test_dir=str(tmp_path / "colour"), image_size=24))
+    test = data.splits["test"].images.numpy()
+    assert data.pre.grayscale and len(test) == 12
+    assert (test[:, 0] == test[:, 1]).all() and (test[:, 1] == test[:, 2]).all()  # as prediction will see them
+
+
 @pytest.mark.parametrize(
     "layout,message",
     [

@@ -79,20 +79,23 @@ def test_predict_explain_writes_heatmaps_and_a_grid(region_model, tmp_path):
     rng = np.random.default_rng(3)
     for i in range(3):
         region_image(i % 2, rng).save(tmp_path / f"img{i}.png")
+    (tmp_path / "again").mkdir()
+    region_image(1, rng).save(tmp_path / "again" / "img0.png")  # the same name in another folder
     r = run_cli(
         "predict",
         "--checkpoint",
         str(ck),
         *(str(tmp_path / f"img{i}.png") for i in range(3)),
+        str(tmp_path / "again" / "img0.png"),
         "--explain",
         "--out",
         str(tmp_path / "p"),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     out = sorted(p.name for p in (tmp_path / "p" / "explanations").iterdir())
-    assert out == [f"img{i}_regularized-cnn.png" for i in range(3)]
+    assert out == ["img0-2_regularized-cnn.png"] + [f"img{i}_regularized-cnn.png" for i in range(3)]
     grid = Image.open(tmp_path / "p" / "explanation_grid.png")
-    assert grid.height >= 3 * 120
+    assert grid.height >= 4 * 120
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10) -> None:

@@ -7,6 +7,8 @@ ferlab models
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,15 +21,20 @@ FER2013_LICENSE = (
 )
 
 
-def public(card: dict) -> dict[str, Any]:
+def public(card: dict, paths: bool = True) -> dict[str, Any]:
     """The card without tensors (digests, face-space components) and internal objects: what people and JSON
-    consumers see."""
+    consumers see. Non-finite numbers become None (JSON has none); ``paths=False`` (a server) keeps only the
+    last component of the training data's path."""
 
-    def clean(v: Any) -> Any:
+    def clean(v: Any, key: str = "") -> Any:
         if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items() if not isinstance(x, torch.Tensor) and not k.endswith("_obj")}
+            return {k: clean(x, k) for k, x in v.items() if not isinstance(x, torch.Tensor) and not k.endswith("_obj")}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if not paths and key == "description" and isinstance(v, str) and Path(v).is_absolute():
+            return Path(v).name
         return v
 
     return clean(card)

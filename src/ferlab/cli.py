@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.: stop quietly
         sys.stderr.close()
         return 0
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # an --out that names a file, or a folder the user cannot write: the user's mistake, said in one sentence
+        print(f"ferlab: error: cannot use {e.filename}: {e.strerror.lower()}.", file=sys.stderr)
+        _remove_empty_folders()
+        return 2
 
 
 def _remove_empty_folders() -> None:

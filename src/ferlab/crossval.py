@@ -166,9 +166,16 @@ def summarize_runs(run_dir: Path, cfg: StudyConfig, results: dict[tuple[int | No
 
 
 def verdict(row: dict, groups: int, unit: str) -> str:
-    """Plain language for one pair: better, worse, or not distinguishable (Holm-corrected McNemar)."""
+    """Plain language for one pair: better or worse only when the Holm-corrected McNemar test and the per-fold
+    interval of the differences agree; otherwise not distinguishable."""
     a, b = row["model_a"], row["model_b"]
-    if row["holm_p"] < ALPHA:
-        better = row["a_right_b_wrong"] > row["a_wrong_b_right"]
-        return f"{a} is {'better' if better else 'worse'} than {b} (Holm-corrected p = {row['holm_p']:.3g})"
-    return f"{a} and {b} are not distinguishable on {groups} {unit} (Holm-corrected p = {row['holm_p']:.3g})"
+    better = row["a_right_b_wrong"] > row["a_wrong_b_right"]
+    lo, hi = row["diff_ci95_low"], row["diff_ci95_high"]
+    folds_agree = lo != "" and (lo > 0 if better else hi < 0)
+    if row["holm_p"] < ALPHA and folds_agree:
+        return (
+            f"{a} is {'better' if better else 'worse'} than {b} (Holm-corrected p = {row['holm_p']:.3g}; "
+            f"per-fold difference {lo:+.3f} to {hi:+.3f})"
+        )
+    why = "" if row["holm_p"] >= ALPHA else "; the pooled test differs but the per-fold interval includes 0"
+    return f"{a} and {b} are not distinguishable on {groups} {unit} (Holm-corrected p = {row['holm_p']:.3g}{why})"

@@ -18,13 +18,14 @@ import errno
 import hashlib
 import os
 import re
+import struct
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -69,7 +70,12 @@ def crop_policy(pre: Preprocess, size: tuple[int, int], override: str | None = N
 
 
 class BadImage(Exception):
-    """A file that cannot be used; its message is the reason listed in skipped_files.csv."""
+    """A file that cannot be used; its message is the reason listed in skipped_files.csv, its ``kind`` what
+    went wrong (``format``, ``pixels``, ``corrupt``, ``mode``; ``file`` for the file itself)."""
+
+    def __init__(self, message: str, kind: str = "file"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class NoFace(BadImage):
@@ -105,25 +111,42 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
+        with open(path, "rb") as f:
+            return decode_image(f, max_pixels)
+    except FileNotFoundError:
+        raise BadImage("the file does not exist") from None
+    except IsADirectoryError:
+        raise BadImage("a folder, not an image file") from None
+    except PermissionError:
+        raise BadImage("not readable (permission denied)") from None
+    except OSError as e:
+        raise BadImage(f"unreadable ({e.strerror or e})") from None
+
+
+def decode_image(fp: BinaryIO, max_pixels: int, used: int = 0) -> Image.Image:
+    """Image bytes as upright RGB, or :class:`BadImage` saying why not: the one decoder behind files and the
+    server's uploads. Only :data:`IMAGE_FORMATS` are tried; the pixel limit (``used`` pixels already spent
+    count against it) is checked from the header, before any pixel is decoded."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path, formats=IMAGE_FORMATS)
-            if im.width * im.height > max_pixels:  # checked from the header, before any pixel is decoded
+            im = Image.open(fp, formats=IMAGE_FORMATS)
+            if used + im.width * im.height > max_pixels:
                 raise BadImage(
-                    f"{im.width}x{im.height} is over the pixel limit of {max_pixels:,} (possible decompression bomb)"
+                    f"{im.width}x{im.height}{' with the earlier images' if used else ''} is over the pixel limit "
+                    f"of {max_pixels:,} (possible decompression bomb)",
+                    "pixels",
                 )
             im.load()
             im = ImageOps.exif_transpose(im)
     except BadImage:
         raise
-    except FileNotFoundError:
-        raise BadImage("the file does not exist") from None
     except UnidentifiedImageError:
-        raise BadImage("not an image Pillow can read") from None
+        raise BadImage("not an image Pillow can read", "format") from None
     except Image.DecompressionBombError:
-        raise BadImage(f"over the pixel limit of {max_pixels:,} (possible decompression bomb)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"truncated or corrupt image data ({e})") from None
+        raise BadImage(f"over the pixel limit of {max_pixels:,} (possible decompression bomb)", "pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise BadImage(f"truncated or corrupt image data ({e})", "corrupt") from None
     return normalize_mode(im)
 
 
@@ -133,7 +156,7 @@ def normalize_mode(im: Image.Image) -> Image.Image:
         a = np.asarray(im).astype(np.int64)
         im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
     elif im.mode == "F":
-        raise BadImage("unsupported image mode F (32-bit float)")
+        raise BadImage("unsupported image mode F (32-bit float)", "mode")
     elif im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     return im.convert("RGB")
@@ -490,8 +513,13 @@ def load_data(
         train_files = {r.file for r in given["train"]}
         train_decoded = [d for r, d in zip(records, decoded) if d is not None and r.file in train_files]
         if train_decoded and all(d.gray for d in train_decoded):
-            # prediction will turn colour photos into what the model saw; these decode the same either way
+            # prediction will turn colour photos into what the model saw; the grayscale training images decode
+            # the same either way, colour images of the other splits are decoded again as the model sees them
             pre = dataclasses.replace(pre, grayscale=True)
+            colour = [i for i, d in enumerate(decoded) if d is not None and not d.gray]
+            again, why = decode_many([records[i].file for i in colour], pre)
+            for i, d, w in zip(colour, again, why):
+                decoded[i], reasons[i] = d, w
     skipped = [(r.file, why) for r, why in zip(records, reasons) if why]
     ok = {r.file: d for r, d in zip(records, decoded) if d is not None}
     for s, recs in given.items():

@@ -32,7 +32,7 @@ from torchmetrics.functional.classification import (  # noqa: E402
 from ferlab.data import decode_many, scan, to_tensor  # noqa: E402
 from ferlab.errors import FerlabError  # noqa: E402
 from ferlab.files import SYNONYMS, save_figure, write_csv  # noqa: E402
-from ferlab.inference import load_model  # noqa: E402
+from ferlab.inference import Model, load_model  # noqa: E402
 from ferlab.stats import wilson  # noqa: E402
 
 
@@ -291,6 +291,24 @@ def overlap(files: list[str], known: torch.Tensor | None) -> int:
     return int(torch.isin(mine, known).sum())
 
 
+def labelled(
+    model: Model, folder: str | Path, class_map: str | None = None, drop: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[str]]:
+    """A folder-per-class tree decoded as ``model``'s card prescribes, its classes mapped onto the model's: the
+    uint8 batch, the labels, the files, the skipped files with reasons, and what was mapped."""
+    drop = list(drop or [])
+    records = scan(Path(os.path.abspath(Path(folder).expanduser())), drop, "evaluation")
+    mapping, mapped = map_classes(sorted({r.cls for r in records}), model.classes, parse_class_map(class_map), drop)
+    decoded, reasons = decode_many([r.file for r in records], model.pre)
+    keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
+    skipped = [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
+    if not keep:
+        raise FerlabError(f"None of the {len(records)} files in {folder} could be read as images.")
+    x = to_tensor([d.image for _, d in keep], model.pre.image_size)
+    y = torch.tensor([model.classes.index(mapping[r.cls]) for r, _ in keep])
+    return x, y, [r.file for r, _ in keep], skipped, mapped
+
+
 def evaluate_model(
     checkpoint: str | Path,
     folder: str | Path,
@@ -304,18 +322,9 @@ def evaluate_model(
     model = load_model(checkpoint)
     classes = model.classes
     drop = list(drop_classes or [])
-    records = scan(Path(os.path.abspath(Path(folder).expanduser())), drop, "evaluation")
-    mapping, mapped = map_classes(sorted({r.cls for r in records}), classes, parse_class_map(class_map), drop)
-    decoded, reasons = decode_many([r.file for r in records], model.pre)
-    keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
-    skipped = [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
-    if not keep:
-        raise FerlabError(f"None of the {len(records)} files in {folder} could be read as images.")
-    x = to_tensor([d.image for _, d in keep], model.pre.image_size)
-    y = torch.tensor([classes.index(mapping[r.cls]) for r, _ in keep])
+    x, y, files, skipped, mapped = labelled(model, folder, class_map, drop)
     logits = model.runtime.logits(x)
     probs = (logits / model.temperature).softmax(1)
-    files = [r.file for r, _ in keep]
     present = sorted(set(y.tolist()))
     counts = torch.bincount(y, minlength=len(classes))
     notes = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import tempfile
 import warnings
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ferlab.data import decode_many, scan, to_tensor
 from ferlab.errors import FerlabError
 from ferlab.files import write_bytes
 from ferlab.inference import Model, OnnxRuntime, TorchRuntime, load_model
@@ -130,17 +128,10 @@ def _as_model(path: Path, name: str) -> Model:
 
 
 def accuracy_on(model: Model, folder: str) -> tuple[float, int]:
-    """Accuracy of a model on a folder-per-class tree (same decoding as evaluate), and its size."""
-    from ferlab.evaluate import map_classes
+    """Accuracy of a model on a folder-per-class tree, decoded and mapped as ``ferlab evaluate`` does; its size."""
+    from ferlab.evaluate import labelled
 
-    records = scan(Path(os.path.abspath(folder)), [], "labelled")
-    mapping, _ = map_classes(sorted({r.cls for r in records}), model.classes, {}, [])
-    decoded, _ = decode_many([r.file for r in records], model.pre)
-    keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
-    if not keep:
-        raise FerlabError(f"None of the files in {folder} could be read as images.")
-    x = to_tensor([d.image for _, d in keep], model.pre.image_size)
-    y = torch.tensor([model.classes.index(mapping[r.cls]) for r, _ in keep])
+    x, y, *_ = labelled(model, folder)
     return float((model.probabilities(x).argmax(1) == y).float().mean()), len(y)
 
 

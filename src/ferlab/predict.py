@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ferlab.data import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
 from ferlab.errors import FerlabError
+from ferlab.faces import iou
 from ferlab.files import SYNONYMS, write_csv
 from ferlab.inference import Model, default_model_name, load_model, pretrained_path
 from ferlab.stats import wilson
@@ -62,7 +63,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def read_labels(path: str) -> dict[str, str]:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV may start with a BOM
             rows = [r for r in csv.reader(f) if r]
     except OSError as e:
         raise FerlabError(f"Cannot read the labels file {path} ({e.strerror}).") from None
@@ -151,13 +152,32 @@ def predict(
     classes = models[0].classes
     skipped: list[dict] = []
     rows: dict[tuple[Path, int], Row] = {}
+    with_face: set[tuple[Path, int]] = set()  # rows some model has a face for (not only a note)
     pending: dict[str, list[tuple[tuple[Path, int], Decoded]]] = {m.label: [] for m in models}
     max_pixels = max(m.pre.max_pixels for m in models)
 
     def truth(f: Path) -> str:
         if labels is not None:
             return labels.get(f.name, labels.get(str(f), ""))
-        return f.parent.name if f.parent.name in classes else ""
+        return canonical(f.parent.name, classes) if any(same_class(f.parent.name, c) for c in classes) else ""
+
+    def row_for(f: Path, d: Decoded, taken: set[int]) -> tuple[Path, int]:
+        """The file's row for this face: the one whose box another model already found (IoU >= 0.5; models
+        with other detectors or crop policies may find other faces, or the same ones in another order), else a
+        new row."""
+        face = 0
+        while (f, face) in rows:
+            row, noted_only = rows[(f, face)], (f, face) not in with_face
+            if face not in taken and (
+                noted_only or row.box == d.box or (row.box and d.box and iou(row.box, d.box) >= 0.5)
+            ):
+                row.box = d.box if noted_only else row.box  # a row that so far holds only another model's note
+                break
+            face += 1
+        taken.add(face)
+        rows.setdefault((f, face), Row(f, face, d.box, truth(f)))
+        with_face.add((f, face))
+        return f, face
 
     def flush(m: Model) -> None:
         batch = pending[m.label]
@@ -189,9 +209,9 @@ def predict(
             except Exception as e:  # noqa: BLE001 - e.g. an image too thin to resize: skipped, not fatal
                 skipped.append({"file": str(f), "model": m.label, "reason": f"{e.__class__.__name__}: {e}"})
                 continue
-            for i, d in enumerate(faces_of_f):
-                rows.setdefault((f, i), Row(f, i, d.box, truth(f)))
-                pending[m.label].append(((f, i), d))
+            taken: set[int] = set()
+            for d in faces_of_f:
+                pending[m.label].append((row_for(f, d, taken), d))
             if len(pending[m.label]) >= 256:
                 flush(m)
     for m in models:
@@ -271,7 +291,7 @@ def draw_grid(rows: list[Row], models: list[Model], path: Path, truth: bool) -> 
             if not top:
                 lines.append((f"{m.label}: -", COLOURS["none"]))
                 continue
-            verdict = "unknown" if not r.true else ("right" if top[0][0] == r.true else "wrong")
+            verdict = "unknown" if not r.true else ("right" if same_class(top[0][0], r.true) else "wrong")
             if r.unusual.get(m.label):
                 verdict = "unusual" if verdict == "unknown" else verdict
             mark = " ?" if r.unusual.get(m.label) else ""
@@ -352,9 +372,14 @@ def run_predict(
     accuracy = {}
     for m in models:
         labelled = [r for r in rows if r.true and m.label in r.preds]
-        accuracy[m.label] = (sum(r.preds[m.label][0][0] == r.true for r in labelled), len(labelled))
+        accuracy[m.label] = (sum(same_class(r.preds[m.label][0][0], r.true) for r in labelled), len(labelled))
     unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
     return Prediction(rows, skipped, models, grids, accuracy, unusual)
+
+
+def same_class(a: str, b: str) -> bool:
+    """Two class names for one emotion (angry and anger: models trained on differently named folders)."""
+    return SYNONYMS.get(a.lower(), a.lower()) == SYNONYMS.get(b.lower(), b.lower())
 
 
 def canonical(label: str, classes: list[str]) -> str:
@@ -370,6 +395,15 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
 
     folder = out / "explanations"
     folder.mkdir(exist_ok=True)
+    stems: dict[Path, str] = {}  # a/1.jpg and b/1.jpg: 1 and 1-2, never one overwriting the other
+    used: set[str] = set()
+    for f in dict.fromkeys(r.file for r in rows):
+        stem, n = f.stem, 1
+        while stem in used:
+            n += 1
+            stem = f"{f.stem}-{n}"
+        stems[f] = stem
+        used.add(stem)
     maps: dict[tuple[int, str], np.ndarray] = {}
     for m in models:
         todo = [(i, r) for i, r in enumerate(rows) if m.label in r.crops]
@@ -379,7 +413,7 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
             for (i, r), heat in zip(chunk, heatmaps(m, [r.crops[m.label] for _, r in chunk], targets, method)):
                 maps[(i, m.label)] = overlay(r.crops[m.label], heat)
                 side = np.concatenate([r.crops[m.label], maps[(i, m.label)]], axis=1)
-                stem = r.file.stem + (f"_face{r.face + 1}" if r.face else "")
+                stem = stems[r.file] + (f"_face{r.face + 1}" if r.face else "")
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.label)
                 Image.fromarray(side).resize((side.shape[1] * 2, side.shape[0] * 2)).save(folder / f"{stem}_{safe}.png")
     pages = []

@@ -26,18 +26,17 @@ import json
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ferlab.cards import public, summary
-from ferlab.data import IMAGE_FORMATS, BadImage, Decoded, NoFace, crop_policy, normalize_mode
+from ferlab.data import BadImage, Decoded, NoFace, crop_policy, decode_image
 from ferlab.inference import Face, Model
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -101,32 +100,25 @@ class Refused(HTTPException):
     """An HTTP error whose ``detail`` is one sentence."""
 
 
-def _open(upload: Upload, max_pixels: int) -> Image.Image:
-    """Bytes -> upright RGB image, or a 413/415/422 saying why not."""
+STATUS = {"format": 415, "mode": 415, "pixels": 413, "corrupt": 422}  # BadImage.kind -> HTTP status
+
+
+def _open(upload: Upload, max_pixels: int, used: int = 0) -> Image.Image:
+    """Bytes -> upright RGB image through ferlab's one decoder, or a 413/415/422 saying why not; ``used``: pixels
+    of the request's earlier images, which count against the same limit."""
     if not upload.data:
         raise Refused(422, f"{upload.name} is empty.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(upload.data), formats=IMAGE_FORMATS)
-            if im.width * im.height > max_pixels:  # from the header, before any pixel is decoded
-                raise Refused(413, f"{upload.name} is {im.width}x{im.height}, over the limit of {max_pixels:,} pixels.")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-    except Refused:
-        raise
-    except UnidentifiedImageError:
-        raise Refused(
-            415, f"{upload.name} is not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)."
-        ) from None
-    except Image.DecompressionBombError:
-        raise Refused(413, f"{upload.name} is over the limit of {max_pixels:,} pixels.") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Refused(422, f"{upload.name} is truncated or corrupt ({e.__class__.__name__}).") from None
-    try:
-        return normalize_mode(im)
+        return decode_image(io.BytesIO(upload.data), max_pixels, used)
     except BadImage as e:
-        raise Refused(415, f"{upload.name}: {e}.") from None
+        reason = str(e)
+        if e.kind == "format":
+            reason = "not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)"
+        elif e.kind == "corrupt":
+            reason = "truncated or corrupt"
+        raise Refused(STATUS.get(e.kind, 422), f"{upload.name}: {reason}.") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises on hostile data is the client's bad image
+        raise Refused(422, f"{upload.name} could not be decoded ({e.__class__.__name__}).") from None
 
 
 def _base64(text: Any, name: str) -> Upload:
@@ -183,7 +175,7 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
     if ctype == "application/json":
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise Refused(422, "The JSON body is not valid JSON.") from None
         if not isinstance(doc, dict):
             raise Refused(422, 'The JSON body must be an object such as {"image": "<base64>"}.')
@@ -209,7 +201,7 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
     by_name = {m.label: m for m in models}
     batchers = {name: Batcher(m) for name, m in by_name.items()}
     # decoding a large image takes memory: at most this many requests decode at once, the rest wait their turn
-    decoding = threading.BoundedSemaphore(4)
+    decoding = asyncio.Semaphore(4)
     default = models[0].label
     app = FastAPI(
         title="ferlab",
@@ -222,18 +214,18 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
+    async def page() -> str:
         return (resources.files("ferlab") / "web" / "index.html").read_text()
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok", "models": list(by_name), "default": default}
 
     @app.get("/v1/models")
-    def list_models() -> dict:
+    async def list_models() -> dict:
         return {
             "default": default,
-            "models": [{**summary(m), "card": public(m.card)} for m in by_name.values()],
+            "models": [{**summary(m), "card": public(m.card, paths=False)} for m in by_name.values()],
         }
 
     @app.post(
@@ -283,19 +275,19 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
 
         def prepare() -> list[tuple[tuple[int, int], str, list[Decoded]]]:
             out, pixels = [], 0
-            with decoding:
-                for up in uploads:
-                    im = _open(up, max_pixels - pixels)  # the pixel limit holds for the whole request
-                    pixels += im.width * im.height
-                    policy = crop_policy(model.pre, im.size)
-                    try:
-                        crops = model.prepare(im, all_faces=all_faces)
-                    except NoFace:
-                        crops = []
-                    out.append((im.size, policy, crops))  # the image itself is dropped here
+            for up in uploads:
+                im = _open(up, max_pixels, pixels)  # the pixel limit holds for the whole request
+                pixels += im.width * im.height
+                policy = crop_policy(model.pre, im.size)
+                try:
+                    crops = model.prepare(im, all_faces=all_faces)
+                except NoFace:
+                    crops = []
+                out.append((im.size, policy, crops))  # the image itself is dropped here
             return out
 
-        prepared = await run_in_threadpool(prepare)
+        async with decoding:  # waiting here holds no worker thread, so /healthz always answers
+            prepared = await run_in_threadpool(prepare)
         future = batchers[name].submit([c for _, _, crops in prepared for c in crops])
         faces: list[Face] = await asyncio.wrap_future(future)
         results, k = [], 0

@@ -40,7 +40,7 @@ from ferlab.predict import load_models  # noqa: E402
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".wmv"}
 TRACK_IOU = 0.3  # a face continues a track when its box overlaps the track's last box this much
-TRACK_GAP = 1.0  # seconds a track may go unseen before a face is a new track
+TRACK_GAP = 1.0  # seconds a track may go unseen before a face is a new track (at least 1.5 sampling intervals)
 
 
 def is_video(path: str | Path) -> bool:
@@ -113,6 +113,7 @@ def run_video(
         src_fps = 25.0
     expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     step = every or (max(1, round(src_fps / fps)) if fps else 1)
+    track_gap = max(TRACK_GAP, 1.5 * step / src_fps)  # sparse sampling must not end every track
     # faces, not whole frames: a model trained on whole images keeps its own policy
     policy = face_crop or ("off" if model.pre.face_crop == "off" and model.pre.faces == "photos" else "on")
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def run_video(
                 classified += 1
                 faces_total += len(faces)
                 # tie faces to tracks, best overlaps first
-                for k in [k for k, t in tracks.items() if now - t.seen > TRACK_GAP]:
+                for k in [k for k, t in tracks.items() if now - t.seen > track_gap]:
                     finished.append(tracks.pop(k))
                 pairs = sorted(
                     ((iou(b, t.box), i, k) for i, b in enumerate(boxes) for k, t in tracks.items()), reverse=True
