@@ -13,6 +13,7 @@ from ferlab import cli
 from ferlab.config import DataConfig, TrainConfig
 from ferlab.data import load_data
 from ferlab.errors import FerlabError
+from ferlab.inference import run_batches
 from ferlab.models import create_model
 from ferlab.train import fit_model
 
@@ -136,7 +137,7 @@ def test_stage_one_leaves_the_frozen_base_unchanged(tiny_data, name):
 @pytest.mark.parametrize("fine_tune", [False, True])
 def test_feature_cache_trains_the_same_model_as_the_full_forward(tiny_data, fine_tune):
     """Both stages on one shared frozen pass == every stage running its frozen layers every step."""
-    states, tables = [], []
+    states, tables, logits = [], [], []
     for cache in (True, False):
         torch.manual_seed(0)
         net = create_model("vgg16-transfer", 3, 32, weights="none")
@@ -144,11 +145,15 @@ def test_feature_cache_trains_the_same_model_as_the_full_forward(tiny_data, fine
             "vgg16-transfer",
             net,
             tiny_data,
-            TrainConfig(max_epochs=2, fine_tune=fine_tune, progress=False, feature_cache=cache),
+            TrainConfig(max_epochs=2, fine_tune=fine_tune, progress=False, feature_cache=cache, precision="32"),
         )
         states.append(net.state_dict())
         tables.append([(e["stage"], e["train_acc"], e["val_acc"]) for e in result.epochs])
+        logits.append(result.train_logits)
     assert tables[0] == tables[1] and len(tables[0]) == (4 if fine_tune else 2)
+    # the training split's logits for the fair overfitting gap come from the cache, as a full forward gives them
+    assert logits[1] is None
+    torch.testing.assert_close(logits[0], run_batches(net, tiny_data.splits["train"].images), atol=1e-4, rtol=1e-4)
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], atol=2e-5, rtol=1e-4)
 

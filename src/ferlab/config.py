@@ -84,7 +84,8 @@ class TrainConfig:
     seed: int = opt(0, "seed for the split, initialisation, shuffling and augmentation")
     precision: str = opt(
         "auto",
-        "32, bf16-mixed, 16-mixed or auto (fp32 on CPU, where bf16 measured slower; mixed precision on CUDA)",
+        "32, bf16-mixed, 16-mixed or auto (on a CPU: whichever of fp32 and bf16-mixed trained this model faster "
+        "when timed on this machine, cached per CPU, core count and torch version; on CUDA: mixed precision)",
         choices=("auto", "32", "bf16-mixed", "16-mixed"),
     )
     augment: str = opt(

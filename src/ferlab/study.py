@@ -261,7 +261,8 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     )
     # the overfitting gap, measured fairly: the training split in eval mode with the chosen weights (the
     # epoch table's training accuracy ran with dropout and augmentation on, and over a moving model)
-    train_acc_eval = float((run_batches(net, train.images).argmax(1) == train.labels).float().mean())
+    train_logits = fit.train_logits if fit.train_logits is not None else run_batches(net, train.images)
+    train_acc_eval = float((train_logits.argmax(1) == train.labels).float().mean())
     m = score_and_record(
         (run_batches(net, test.images) / t).softmax(1),
         test.labels,

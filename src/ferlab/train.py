@@ -306,6 +306,9 @@ class FitResult:
     seconds: float = 0.0
     precision: str = "32"
     precision_note: str = ""
+    # a transfer model's training-split logits with the chosen weights, from the cached frozen output its
+    # training used (None where nothing was cached): the fair overfitting gap without another backbone pass
+    train_logits: torch.Tensor | None = None
 
 
 def _device(accelerator: str) -> torch.device:
@@ -490,6 +493,8 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
     for p in net.split_at(0 if REGISTRY[name].transfer else None)[1].parameters():
         p.requires_grad_(True)
     net.cpu().eval()  # the frozen pass may have left layers on the GPU that the Trainer never saw
+    if shared is not None and is_rank_zero():
+        result.train_logits = run_batches(net.part(shared_cut, None), shared["train"].cpu().float())
     return result
 
 
