@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from ferlab.checkpoint import save_checkpoint  # noqa: E402
 from ferlab.data import Preprocess  # noqa: E402
-from ferlab.export import export_onnx  # noqa: E402
+from ferlab.export import export_onnx, quantize_int8  # noqa: E402
 from ferlab.inference import load_model  # noqa: E402
 from ferlab.models import REGISTRY, create_model  # noqa: E402
 
@@ -66,10 +66,8 @@ def bench_model(name: str, tmp: Path, rounds: int) -> list[dict]:
     size = torch_model.pre.image_size
     onnx_path = tmp / f"{Path(ck).stem}.onnx"
     export_onnx(ck, str(onnx_path))
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     int8_path = tmp / f"{Path(ck).stem}-int8.onnx"
-    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8)
+    quantize_int8(onnx_path, int8_path)
     runtimes = {
         "pytorch": torch_model,
         "onnxruntime fp32": load_model(onnx_path),

@@ -107,3 +107,26 @@ def test_corrupt_and_foreign_onnx_files_are_one_sentence(tmp_path):
         torch.onnx.export(foreign, (torch.zeros(1, 3, 32, 32),), str(tmp_path / "foreign.onnx"), dynamo=False)
     r = run_cli("evaluate", str(tmp_path / "foreign.onnx"), str(tmp_path / "img"))
     assert r.returncode == 2 and "is an ONNX model but not one ferlab exported" in r.stderr
+
+
+@requires_ckplus
+@pytest.mark.slow
+def test_int8_is_written_with_its_accuracy_change_or_refused_over_the_limit(tmp_path):
+    data = tmp_path / "faces"
+    for cls in ("happy", "surprise", "sadness"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((CKPLUS / cls).glob("*.png"))[-20:]:
+            (data / cls / f.name).symlink_to(f)
+    r = run_cli("export", "fer2013", "--out", str(tmp_path / "f.onnx"), "--quantize", "int8", "--data", str(data))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ferlab: int8 on " in r.stderr and "(n=60): accuracy " in r.stderr
+    int8 = tmp_path / "f-int8.onnx"
+    assert int8.stat().st_size < (tmp_path / "f.onnx").stat().st_size / 2  # int8 weights: a quarter, plus graph
+    assert load_model(str(int8)).classes == load_model("fer2013").classes  # the card travelled
+    # a limit no quantization can meet: refused in one sentence, the fp32 file kept, no int8 file
+    r = run_cli(
+        "export", "fer2013", "--out", str(tmp_path / "g.onnx"), "--quantize", "int8", "--data", str(data),
+        "--max-drop", "-100",
+    )  # fmt: skip
+    assert r.returncode == 2 and "so no int8 file was written" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "g.onnx").is_file() and not (tmp_path / "g-int8.onnx").exists()

@@ -168,15 +168,32 @@ def export_onnx(
     return result
 
 
-def _quantize(fp32_path: Path, fp32: Model, data: str, target: Path, max_drop: float) -> tuple[Path, tuple]:
-    """Dynamic int8 quantization of weights (ONNX Runtime's), kept only if it costs at most ``max_drop`` points."""
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization of the weights, on the graph with its constants folded first
+    (the exporter leaves some convolution weights as computed values, which the quantizer cannot take), the
+    card's metadata carried over."""
     import logging
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the graph is for static quantization
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
+    folded = int8_path.with_name(int8_path.stem + "-folded.onnx")
+    quant_pre_process(str(fp32_path), str(folded), skip_symbolic_shape=True)
+    quantize_dynamic(str(folded), str(int8_path), weight_type=QuantType.QInt8)
+    folded.unlink()
+    meta = onnx.load(str(fp32_path), load_external_data=False).metadata_props
+    graph = onnx.load(str(int8_path))
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(meta)
+    onnx.save(graph, str(int8_path))
+
+
+def _quantize(fp32_path: Path, fp32: Model, data: str, target: Path, max_drop: float) -> tuple[Path, tuple]:
+    """Dynamic int8 quantization of weights, kept only if it costs at most ``max_drop`` points."""
     int8_path = fp32_path.with_name("model-int8.onnx")
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    quantize_int8(fp32_path, int8_path)
     int8 = _as_model(int8_path, str(target))
     acc32, n = accuracy_on(fp32, data)
     acc8, _ = accuracy_on(int8, data)
