@@ -99,7 +99,7 @@ def test_the_same_image_gives_the_same_probabilities_as_ferlab_predict(client, s
         ("big", 413, "The request body is 400,000 bytes, over the limit of 300,000."),
         ("text", 415, "The request body: not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)."),
         ("truncated", 422, "The request body: truncated or corrupt."),
-        ("float", 415, "unsupported image mode F"),
+        ("tiff", 415, "not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)."),
         ("bomb", 413, "The request body: 8000x6000 is over the pixel limit of 40,000,000"),
         ("base64", 422, "'image' is not valid base64."),
         ("path", 422, "'image' is not valid base64."),
@@ -120,7 +120,7 @@ def test_bad_requests_get_one_sentence(client, kind, status, detail, tmp_path):
         "truncated": lambda: client.post(
             "/v1/predict", content=good[: len(good) // 2], headers={"content-type": "image/png"}
         ),
-        "float": lambda: client.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/tiff"}),
+        "tiff": lambda: client.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/tiff"}),
         "bomb": lambda: client.post(
             "/v1/predict", content=png(Image.new("1", (8000, 6000))), headers={"content-type": "image/png"}
         ),
@@ -267,6 +267,13 @@ def test_the_page_uploads_a_photo_and_draws_each_face_in_a_real_browser(live, st
         width, height, top_row = pixels
         assert (width, height) == (40, 40)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+        # each bar is filled in proportion to its probability (an inline span once drew every bar empty)
+        fills = page.evaluate(
+            "Array.from(document.querySelectorAll('#faces .face:first-child .bar')).map(b => ["
+            "b.querySelector('.fill').getBoundingClientRect().width / b.querySelector('.track')"
+            ".getBoundingClientRect().width, parseFloat(b.lastChild.textContent) / 100])"
+        )
+        assert fills and all(abs(shown - p) < 0.01 for shown, p in fills), fills
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
     # the first face's box is drawn in the page's first colour (#2e6bd8) along the photo's top edge
