@@ -39,6 +39,7 @@ from ferlab.files import write_csv
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 # the decoders ferlab lets Pillow use: never EPS (which runs Ghostscript), PSD and the like
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+WEB_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # what the server decodes: a smaller surface for strangers' bytes
 SPLITS = ("train", "val", "test")
 
 
@@ -123,14 +124,14 @@ def open_rgb(path: str | Path, max_pixels: int) -> Image.Image:
         raise BadImage(f"unreadable ({e.strerror or e})") from None
 
 
-def decode_image(fp: BinaryIO, max_pixels: int, used: int = 0) -> Image.Image:
+def decode_image(fp: BinaryIO, max_pixels: int, used: int = 0, formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
     """Image bytes as upright RGB, or :class:`BadImage` saying why not: the one decoder behind files and the
-    server's uploads. Only :data:`IMAGE_FORMATS` are tried; the pixel limit (``used`` pixels already spent
+    server's uploads. Only ``formats`` are tried; the pixel limit (``used`` pixels already spent
     count against it) is checked from the header, before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp, formats=IMAGE_FORMATS)
+            im = Image.open(fp, formats=formats)
             if used + im.width * im.height > max_pixels:
                 raise BadImage(
                     f"{im.width}x{im.height}{' with the earlier images' if used else ''} is over the pixel limit "
@@ -153,8 +154,10 @@ def decode_image(fp: BinaryIO, max_pixels: int, used: int = 0) -> Image.Image:
 def normalize_mode(im: Image.Image) -> Image.Image:
     """Any decoded image as RGB (16-bit greyscale keeps its top 8 bits); an unsupported mode is a BadImage."""
     if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit greyscale: keep the top 8 bits
-        a = np.asarray(im).astype(np.int64)
-        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
+        a = np.asarray(im)  # uint16 (I;16) or int32 (I): no wider copy of a large image
+        if a.dtype != np.uint16:
+            a = np.clip(a, 0, 65535)
+        im = Image.fromarray((a >> 8).astype(np.uint8), "L")
     elif im.mode == "F":
         raise BadImage("unsupported image mode F (32-bit float)", "mode")
     elif im.mode == "P" and "transparency" in im.info:

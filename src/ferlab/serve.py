@@ -36,7 +36,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ferlab.cards import public, summary
-from ferlab.data import BadImage, Decoded, NoFace, crop_policy, decode_image
+from ferlab.data import WEB_FORMATS, BadImage, Decoded, NoFace, crop_policy, decode_image
 from ferlab.inference import Face, Model
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -109,7 +109,7 @@ def _open(upload: Upload, max_pixels: int, used: int = 0) -> Image.Image:
     if not upload.data:
         raise Refused(422, f"{upload.name} is empty.")
     try:
-        return decode_image(io.BytesIO(upload.data), max_pixels, used)
+        return decode_image(io.BytesIO(upload.data), max_pixels, used, WEB_FORMATS)
     except BadImage as e:
         reason = str(e)
         if e.kind == "format":

@@ -38,7 +38,7 @@ from ferlab.data import Data, load_data, write_manifest
 from ferlab.errors import FerlabError
 from ferlab.evaluate import calibration, digests, score_and_record
 from ferlab.files import read_csv, unique_dir, write_csv, write_text
-from ferlab.inference import keep_freed_memory, run_batches
+from ferlab.inference import Model, TorchRuntime, keep_freed_memory, run_batches
 from ferlab.models import REGISTRY, STUDY, Net, create_model
 from ferlab.summary import param_counts, summarize
 from ferlab.train import FitResult, fit_model, is_distributed, is_rank_zero
@@ -263,8 +263,10 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     # epoch table's training accuracy ran with dropout and augmentation on, and over a moving model)
     train_logits = fit.train_logits if fit.train_logits is not None else run_batches(net, train.images)
     train_acc_eval = float((train_logits.argmax(1) == train.labels).float().mean())
+    # the test split through the inference floor, as `ferlab evaluate` would score the saved model.ckpt
+    model = Model(name, TorchRuntime(net), {"classes": data.classes, "calibration": calib, "preprocess_obj": data.pre})
     m = score_and_record(
-        (run_batches(net, test.images) / t).softmax(1),
+        model.probabilities(test.images),
         test.labels,
         test.files,
         data.classes,
