@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -78,6 +79,22 @@ def test_report_renders_every_section_and_image(study, tmp_path):
     # the screenshot shows the page, not a blank or an error page: the top holds dark text on white, and
     # the embedded figures below it make many rows far from uniform
     assert (shot[:400] < 100).mean() > 0.005 and (shot.std(1) > 20).mean() > 0.2
+
+
+def test_a_finished_run_s_report_does_not_call_it_unfinished(study, tmp_path):
+    """The run writes its report before it marks itself finished; only another process sees it as running."""
+    from ferlab.report import status_note
+
+    _, _, (run, _) = study
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert "had not finished" not in (run / "report.md").read_text()
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid()}))
+    assert status_note(tmp_path) is None
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid() + 1}))
+    assert status_note(tmp_path) == (
+        f"This run had not finished when this report was written (or was killed); ferlab run --resume {tmp_path} "
+        "continues it."
+    )
 
 
 def comparison_rows_in_markdown(md: str) -> dict[str, list[str]]:

@@ -261,7 +261,7 @@ def status_note(run: Path) -> str | None:
             f'This run is incomplete: it stopped with "{status.get("reason", "?")}". Continue it with '
             f"{status.get('resume', f'ferlab run --resume {run}')}; what is reported here is what had finished."
         )
-    if status.get("state") == "running":
+    if status.get("state") == "running" and status.get("pid") != os.getpid():  # not the run writing its own report
         return (
             "This run had not finished when this report was written (or was killed); "
             f"ferlab run --resume {run} continues it."
