@@ -98,10 +98,12 @@ def _save(cache: dict) -> None:
         os.replace(tmp, path)
 
 
-def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5) -> tuple[float, float]:
-    """Median seconds of a training step (forward, backward, Adam) in fp32 and in bf16 autocast: a few warm-up
-    steps each (oneDNN builds its kernels on first use), then rounds of two steps of each, interleaved so a
-    machine's changing load hits both alike; a round lasts at least 0.1 s, so short steps are timed in bulk."""
+def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5, budget: float = 4.0) -> tuple[float, float]:
+    """Median seconds of a training step (forward, backward, Adam) in fp32 and in bf16 autocast: warm-up steps
+    of each (oneDNN builds its kernels on first use: two, or one where a step takes over a second), then
+    rounds of steps of each, interleaved so a machine's changing load hits both alike; a round lasts at least
+    0.1 s, so short steps are timed in bulk. At least 3 rounds, and no more once ``budget`` seconds are spent
+    (of the ``rounds`` at most): a large model's measurement on a first run costs seconds, not a minute."""
     for p in net.parameters():
         p.requires_grad_(True)
     net.train()
@@ -118,11 +120,13 @@ def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5) -> tuple[
         opt.step()
         return time.perf_counter() - t
 
-    for _ in range(3):
-        step(False), step(True)
-    per_round = max(2, round(0.1 / max(1e-4, min(step(False), step(True)))))
+    a, b = step(False), step(True)
+    if a + b < 2.0:
+        a, b = step(False), step(True)
+    per_round = max(1, round(0.1 / max(1e-4, min(a, b))))
     fp32, bf16 = [], []
-    for _ in range(rounds):
+    start = time.perf_counter()
+    while len(fp32) < rounds and (len(fp32) < 3 or time.perf_counter() - start < budget):
         fp32.append(sum(step(False) for _ in range(per_round)) / per_round)
         bf16.append(sum(step(True) for _ in range(per_round)) / per_round)
     return statistics.median(fp32), statistics.median(bf16)
