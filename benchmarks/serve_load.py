@@ -6,7 +6,9 @@ usage:
 
 Starts ``ferlab serve`` on 127.0.0.1 (a free port) in a child process, waits for /healthz, then for each
 client count drives POST /v1/predict (multipart, one image) from that many concurrent asyncio clients for
-``--seconds`` (it stops by itself), and prints requests/s, p50/p95/p99 latency and the error count. With
+``--seconds`` (it stops by itself), and prints requests/s, p50/p95/p99 latency, the error count and the CPU
+time a request cost in the server and in this load generator (they share the machine's cores, so their sum
+over the core count bounds requests/s). With
 ``--soak N`` it then sends N requests from 8 clients and samples the server's resident memory (VmRSS) every
 500 requests: it should stop growing after warm-up. The default image is a 640x480 photo composed from a
 CK+48 face (one face to detect and classify).
@@ -67,6 +69,12 @@ def start_server(checkpoints: list[str], port: int, log: Path | None = None) -> 
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("ferlab serve did not answer /healthz within 60 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -139,11 +147,16 @@ def main() -> None:
     results = {"startup_s": startup, "cpu": os.cpu_count(), "runs": []}
     try:
         for n in args.clients:
+            server0, client0 = cpu_seconds(proc.pid), time.process_time()
             r = asyncio.run(drive(url, image, n, seconds=args.seconds))
+            # CPU a request costs, in the server and in this load generator (which shares the machine's cores)
+            r["server_cpu_ms"] = 1000 * (cpu_seconds(proc.pid) - server0) / max(1, r["requests"])
+            r["client_cpu_ms"] = 1000 * (time.process_time() - client0) / max(1, r["requests"])
             results["runs"].append(r)
             print(
                 f"{n:3d} clients: {r['requests_per_s']:7.1f} req/s, p50 {r['p50_ms']:7.1f} ms, p95 {r['p95_ms']:7.1f} "
-                f"ms, p99 {r['p99_ms']:7.1f} ms, {r['errors']} errors of {r['requests']}",
+                f"ms, p99 {r['p99_ms']:7.1f} ms, {r['errors']} errors of {r['requests']}; CPU a request: server "
+                f"{r['server_cpu_ms']:.1f} ms, load generator {r['client_cpu_ms']:.1f} ms",
                 flush=True,
             )
         if len(results["runs"]) > 1:
