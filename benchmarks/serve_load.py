@@ -7,8 +7,8 @@ usage:
 Starts ``ferlab serve`` on 127.0.0.1 (a free port) in a child process, waits for /healthz, then for each
 client count drives POST /v1/predict (multipart, one image) from that many concurrent asyncio clients for
 ``--seconds`` (it stops by itself), and prints requests/s, p50/p95/p99 latency, the error count and the CPU
-time a request cost in the server and in this load generator (they share the machine's cores, so their sum
-over the core count bounds requests/s). With
+time a request cost in the server and in this load generator (they share the machine's cores, so requests/s
+can be at most the core count divided by their sum). With
 ``--soak N`` it then sends N requests from 8 clients and samples the server's resident memory (VmRSS) every
 500 requests: it should stop growing after warm-up. The default image is a 640x480 photo composed from a
 CK+48 face (one face to detect and classify).

@@ -97,9 +97,9 @@ def test_the_same_image_gives_the_same_probabilities_as_ferlab_predict(client, s
     "kind,status,detail",
     [
         ("big", 413, "The request body is 400,000 bytes, over the limit of 300,000."),
-        ("text", 415, "The request body: not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)."),
+        ("text", 415, "The request body: not an image this server can read (JPEG, PNG, WebP, BMP or GIF)."),
         ("truncated", 422, "The request body: truncated or corrupt."),
-        ("tiff", 415, "not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)."),
+        ("tiff", 415, "not an image this server can read (JPEG, PNG, WebP, BMP or GIF)."),
         ("bomb", 413, "The request body: 8000x6000 is over the pixel limit of 40,000,000"),
         ("base64", 422, "'image' is not valid base64."),
         ("path", 422, "'image' is not valid base64."),

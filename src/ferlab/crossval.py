@@ -162,7 +162,7 @@ def summarize_runs(run_dir: Path, cfg: StudyConfig, results: dict[tuple[int | No
     )
     from ferlab.report import build_cv_report
 
-    build_cv_report(run_dir)
+    build_cv_report(run_dir, own=True)  # the run writes its report as it ends
 
 
 def verdict(row: dict, groups: int, unit: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -100,7 +101,7 @@ def _save(cache: dict) -> None:
 
 def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5, budget: float = 4.0) -> tuple[float, float]:
     """Median seconds of a training step (forward, backward, Adam) in fp32 and in bf16 autocast: warm-up steps
-    of each (oneDNN builds its kernels on first use: two, or one where a step takes over a second), then
+    of each (oneDNN builds its kernels on first use: two, or one where the first pair took over 2 s), then
     rounds of steps of each, interleaved so a machine's changing load hits both alike; a round lasts at least
     0.1 s, so short steps are timed in bulk. At least 3 rounds, and no more once ``budget`` seconds are spent
     (of the ``rounds`` at most): a large model's measurement on a first run costs seconds, not a minute."""
@@ -123,7 +124,7 @@ def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5, budget: f
     a, b = step(False), step(True)
     if a + b < 2.0:
         a, b = step(False), step(True)
-    per_round = max(1, round(0.1 / max(1e-4, min(a, b))))
+    per_round = max(1, math.ceil(0.1 / max(1e-4, min(a, b))))
     fp32, bf16 = [], []
     start = time.perf_counter()
     while len(fp32) < rounds and (len(fp32) < 3 or time.perf_counter() - start < budget):

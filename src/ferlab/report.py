@@ -250,8 +250,9 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def status_note(run: Path) -> str | None:
-    """A sentence for a run folder that did not finish, from its status.json."""
+def status_note(run: Path, own: bool = False) -> str | None:
+    """A sentence for a run folder that did not finish, from its status.json; ``own``: the run itself is writing
+    this report as its last step (it marks itself finished after), so "running" is not news."""
     path = run / "status.json"
     if not path.is_file():
         return None
@@ -261,7 +262,7 @@ def status_note(run: Path) -> str | None:
             f'This run is incomplete: it stopped with "{status.get("reason", "?")}". Continue it with '
             f"{status.get('resume', f'ferlab run --resume {run}')}; what is reported here is what had finished."
         )
-    if status.get("state") == "running" and status.get("pid") != os.getpid():  # not the run writing its own report
+    if status.get("state") == "running" and not own:
         return (
             "This run had not finished when this report was written (or was killed); "
             f"ferlab run --resume {run} continues it."
@@ -269,10 +270,11 @@ def status_note(run: Path) -> str | None:
     return None
 
 
-def build_report(run_dir: str | Path) -> tuple[Path, Path]:
+def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
+    """report.html and report.md of a run folder (or a fold's); ``own``: written by the run itself, as it ends."""
     run = Path(run_dir)
     if (run / "cv_summary.csv").is_file():
-        return build_cv_report(run)
+        return build_cv_report(run, own)
     if not (run / "test_accuracy_comparison.csv").is_file():
         note = status_note(run)
         if note:
@@ -314,7 +316,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
 
     # ---- findings, written from the numbers
     doc.h2("Findings")
-    note = status_note(run)
+    note = status_note(run, own)
     if note:
         doc.p(note)
     ranked = sorted(models, key=lambda n: -m[n]["accuracy"])
@@ -581,7 +583,7 @@ def plot_folds(per_fold: dict[str, list[float]], title: str, path: Path) -> None
     save_figure(fig, path)
 
 
-def build_cv_report(run_dir: str | Path) -> tuple[Path, Path]:
+def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
     """The cross-validation run's report: the summary, the pairwise verdicts, per-fold dots, pooled confusions."""
     from ferlab.evaluate import plot_confusion
 
@@ -593,7 +595,7 @@ def build_cv_report(run_dir: str | Path) -> tuple[Path, Path]:
     files.mkdir(exist_ok=True)
     doc = Doc(files)
     doc.h2("Findings")
-    note = status_note(run)
+    note = status_note(run, own)
     if note:
         doc.p(note)
     k, seeds = cv["folds"], cv["seeds"]

@@ -113,7 +113,7 @@ def _open(upload: Upload, max_pixels: int, used: int = 0) -> Image.Image:
     except BadImage as e:
         reason = str(e)
         if e.kind == "format":
-            reason = "not an image this server can read (JPEG, PNG, WebP, BMP, GIF...)"
+            reason = "not an image this server can read (JPEG, PNG, WebP, BMP or GIF)"
         elif e.kind == "corrupt":
             reason = "truncated or corrupt"
         raise Refused(STATUS.get(e.kind, 422), f"{upload.name}: {reason}.") from None

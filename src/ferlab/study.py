@@ -408,7 +408,7 @@ def run_split(cfg: StudyConfig, data: Data, split_dir: Path, models: list[str], 
     if done:
         from ferlab.report import build_report
 
-        build_report(split_dir)
+        build_report(split_dir, own=True)  # the run writes its report as it ends
     print(format_table(rows, COMPARISON_COLUMNS))
     return done
 
