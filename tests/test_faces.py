@@ -68,6 +68,31 @@ def test_yunet_finds_composed_faces_and_no_clutter():
     assert sum(len(faces.find_faces(s.image, "yunet")) for s in clutter) == 0  # ties, windows, blobs: no faces
 
 
+def test_yunet_through_onnx_runtime_gives_opencvs_boxes():
+    """The card's detector "yunet" means OpenCV's FaceDetectorYN boxes: ferlab runs the same file through ONNX
+    Runtime and decodes it itself, which must not move a box, a score or the set of faces."""
+    import cv2
+
+    sc = scenes_module()
+    rng = np.random.default_rng(5)
+    pool = sc.face_files(40, 5)
+    images = [sc.compose(rng, pool).image for _ in range(12)]  # 1-4 faces at 40-320 px, odd sizes, clutter
+    images += [np.asarray(Image.open(p).convert("RGB")) for p in pool[:6]]  # 48 px faces: padded to 64
+    opencv = cv2.FaceDetectorYN.create(faces.yunet_path(), "", (320, 320), score_threshold=0.3, nms_threshold=0.3)
+    compared = 0
+    for rgb in images:
+        rgb = np.ascontiguousarray(rgb)
+        opencv.setInputSize((rgb.shape[1], rgb.shape[0]))
+        _, found = opencv.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        found = np.zeros((0, 15)) if found is None else found
+        boxes, scores = faces.DETECTORS["yunet"][0](rgb, 0)
+        assert boxes.shape == (len(found), 4)
+        np.testing.assert_allclose(boxes, found[:, :4], atol=1e-3)
+        np.testing.assert_allclose(scores, found[:, 14], atol=1e-4)
+        compared += len(found)
+    assert compared >= 20  # the comparison covered real detections, not empty lists
+
+
 def test_overlapping_and_nested_boxes_are_suppressed():
     boxes = np.array([[10, 10, 100, 100], [14, 12, 96, 104], [40, 70, 30, 25], [300, 300, 80, 80]], float)
     scores = np.array([0.9, 0.8, 0.7, 0.95])
