@@ -12,7 +12,7 @@ metrics.json, per_class.csv, confusion_matrix.{csv,png}, reliability.png, predic
 fold (and seed) is such a study in ``fold-<k>/`` (``fold-<k>/seed-<s>/``), and the run folder adds
 cv_summary.csv, cv_pairs.csv and the cross-validation section of the report.
 
-While a model trains, its folder holds ``training-state/`` (written after every epoch): ``ferlab run --resume
+While a model trains, its folder holds ``training-state/`` (written as epochs end): ``ferlab run --resume
 RUN_DIR`` continues a run that was killed, without retraining what finished.
 """
 
