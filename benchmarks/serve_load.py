@@ -101,14 +101,20 @@ def multipart_request(url: str, image: bytes) -> bytes:
     return head.encode() + body
 
 
-async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
-    """Send one request on a kept-alive connection; the status code and body of its answer."""
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bytes, bool]:
+    """Send one request on a kept-alive connection: the status code and body of its answer, and whether the
+    server closes the connection after it. An answer without a Content-Length is a ValueError (an error)."""
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length")
-    return status, await reader.readexactly(length)
+    headers = {k.strip().lower(): v.strip().lower() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" not in headers:
+        raise ValueError("an answer without a Content-Length")
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, body, headers.get("connection") == "close"
 
 
 async def drive(url: str, image: bytes, clients: int, seconds: float = 0, total: int = 0, on_done=None) -> dict:
@@ -133,10 +139,11 @@ async def drive(url: str, image: bytes, clients: int, seconds: float = 0, total:
             t = time.perf_counter()
             try:
                 conn = conn or await asyncio.open_connection(host, port)
-                status, body = await asyncio.wait_for(exchange(*conn, request), 30)
+                status, body, closing = await asyncio.wait_for(exchange(*conn, request), 30)
                 ok = status == 200 and "faces" in json.loads(body)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, StopIteration):
-                ok = False
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                ok, closing = False, True  # a broken connection is not used again
+            if closing:  # (or the server said so, after an error say): the next request opens a new one
                 if conn:
                     conn[1].close()
                 conn = None

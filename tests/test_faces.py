@@ -78,7 +78,9 @@ def test_yunet_through_onnx_runtime_gives_opencvs_boxes():
     pool = sc.face_files(40, 5)
     images = [sc.compose(rng, pool).image for _ in range(12)]  # 1-4 faces at 40-320 px, odd sizes, clutter
     images += [np.asarray(Image.open(p).convert("RGB")) for p in pool[:6]]  # 48 px faces: padded to 64
-    opencv = cv2.FaceDetectorYN.create(faces.yunet_path(), "", (320, 320), score_threshold=0.3, nms_threshold=0.3)
+    opencv = cv2.FaceDetectorYN.create(
+        faces.yunet_path(), "", (320, 320), score_threshold=0.3, nms_threshold=0.3, top_k=200
+    )
     compared = 0
     for rgb in images:
         rgb = np.ascontiguousarray(rgb)

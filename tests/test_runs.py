@@ -187,3 +187,58 @@ def test_two_process_ddp_run_through_the_cli(tmp_path):
     assert len(read_csv(two / "regularized-cnn" / "epochs.csv")) == 6
     # two processes see half the batches each with the same learning rate: measured 0.0-0.11 apart on 9 images
     assert abs(float(a["val_acc"]) - float(b["val_acc"])) <= 0.34
+
+
+class Crash(Exception):
+    """A crash injected right after a training-state write."""
+
+
+@pytest.mark.parametrize("crash_after", [1, 2])
+def test_a_fit_resumed_after_a_crash_stops_early_where_the_uninterrupted_fit_does(tmp_path, monkeypatch, crash_after):
+    """Early stopping's patience travels in the training state with this epoch's verdict in it: a fit resumed
+    from any written epoch stops at the same epoch, with the same best weights, as one never interrupted."""
+    import torch
+
+    from ferlab import train
+    from ferlab.config import StudyConfig, merge
+    from ferlab.models import create_model
+
+    cfg = merge(
+        StudyConfig(),
+        {
+            "data": {"data": str(make_tree(tmp_path / "d", per_class=30)), "image_size": 32},
+            "train": {"max_epochs": 12, "patience": 2, "progress": False, "precision": "32"},
+        },
+    )
+    data = load_data(cfg.data, 0)
+    monkeypatch.setattr(train, "STATE_EVERY", 0)  # a state after every epoch, however fast the machine
+
+    def fit(state_dir=None):
+        torch.manual_seed(0)
+        net = create_model("regularized-cnn", len(data.classes), 32, "none", None)
+        return net, train.fit_model("regularized-cnn", net, data, cfg.train, state_dir)
+
+    whole_net, whole = fit()
+    stopped = len(whole.epochs)
+    assert crash_after < stopped < 12  # early stopping fired, after the crash point: the case under test
+
+    save = train.SaveState.on_train_epoch_end
+
+    def save_then_crash(self, trainer, pl_module):
+        save(self, trainer, pl_module)
+        if trainer.current_epoch + 1 == crash_after:
+            raise Crash
+
+    monkeypatch.setattr(train.SaveState, "on_train_epoch_end", save_then_crash)
+    state = tmp_path / "state"
+    with pytest.raises(Crash):
+        fit(state)
+    assert (state / "stage1-last.ckpt").is_file() and not (state / "progress.json").exists()
+    monkeypatch.setattr(train.SaveState, "on_train_epoch_end", save)
+    net, resumed = fit(state)
+
+    def table(r):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in r.epochs]
+
+    assert table(resumed) == table(whole) and resumed.best_epoch == whole.best_epoch
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), whole_net.state_dict().values()))

@@ -40,7 +40,7 @@ def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argp
         "--resume",
         metavar="RUN_DIR",
         help="continue a run that was killed: finished models are kept, the interrupted one continues from its "
-        "last completed epoch (other flags, if given, must match the run's settings)",
+        "last written epoch (other flags, if given, must match the run's settings)",
     )
     return p
 

@@ -88,6 +88,7 @@ def _yunet_session():
             dims[2].dim_param, dims[3].dim_param = "height", "width"
             for out in graph.graph.output:
                 out.type.tensor_type.shape.dim[1].dim_param = "anchors"
+            del graph.graph.value_info[:]  # inner shapes recorded for 640x640; ONNX Runtime infers them again
             options = ort.SessionOptions()
             # one thread a call: the server runs several calls at once; with two threads each, 50 clients got
             # no more requests/s and one client's request cost twice the CPU (threads spinning)
@@ -111,23 +112,24 @@ def _yunet(rgb: np.ndarray, min_side: int) -> tuple[np.ndarray, np.ndarray]:
     session = _yunet_session()
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": blob})))
     boxes, scores = [], []
-    for stride in YUNET_STRIDES:
-        cols = pw // stride
+    for stride in YUNET_STRIDES:  # in float32 throughout, as OpenCV computes: a corner rounds as OpenCV's does
+        cols, step = pw // stride, np.float32(stride)
         cls = np.clip(outputs[f"cls_{stride}"][0, :, 0], 0, 1)
         obj = np.clip(outputs[f"obj_{stride}"][0, :, 0], 0, 1)
         score = np.sqrt(cls * obj)
         idx = np.flatnonzero(score >= YUNET_SCORE)
         offsets = outputs[f"bbox_{stride}"][0, idx]
-        cx = (idx % cols + offsets[:, 0]) * stride
-        cy = (idx // cols + offsets[:, 1]) * stride
-        bw, bh = np.exp(offsets[:, 2]) * stride, np.exp(offsets[:, 3]) * stride
-        boxes.append(np.stack([cx - bw / 2, cy - bh / 2, bw, bh], 1))
+        cx = ((idx % cols).astype(np.float32) + offsets[:, 0]) * step
+        cy = ((idx // cols).astype(np.float32) + offsets[:, 1]) * step
+        bw, bh = np.exp(offsets[:, 2]) * step, np.exp(offsets[:, 3]) * step
+        boxes.append(np.stack([cx - bw / np.float32(2), cy - bh / np.float32(2), bw, bh], 1))
         scores.append(score[idx])
-    found, score = np.concatenate(boxes).astype(np.float32), np.concatenate(scores)
+    found, score = np.concatenate(boxes), np.concatenate(scores)
     if not len(found):
         return np.zeros((0, 4)), np.zeros(0)
-    keep = np.asarray(cv2.dnn.NMSBoxes(found.astype(np.int32).tolist(), score.tolist(), YUNET_SCORE, 0.3, top_k=200))
-    boxes, scores = found[keep.reshape(-1)].astype(float), score[keep.reshape(-1)].astype(float)
+    keep = cv2.dnn.NMSBoxes(found.astype(np.int32).tolist(), score.tolist(), YUNET_SCORE, 0.3, top_k=200)
+    keep = np.asarray(keep, np.intp).reshape(-1)  # () when nothing is kept
+    boxes, scores = found[keep].astype(float), score[keep].astype(float)
     big = np.minimum(boxes[:, 2], boxes[:, 3]) >= min_side
     return boxes[big], scores[big]
 

@@ -230,41 +230,26 @@ class EpochTable(Callback):
 
 
 class KeepBest(Callback):
-    """The weights of the best validation accuracy (strictly better wins, as in Keras): in memory, and on disk
-    (``best.pt`` in the state folder, written by :meth:`flush` together with the training state) so a resumed
-    run still has them."""
+    """The weights of the best validation accuracy (strictly better wins, as in Keras), kept in memory and
+    saved inside each training-state checkpoint, so a resumed stage continues with exactly the best it had
+    when that state was written; at a stage's end :func:`fit_model` writes them beside ``progress.json``."""
 
-    def __init__(self, module: nn.Module, state_dir: Path | None = None):
-        self.module, self.best, self.state, self.dir = module, -math.inf, None, state_dir
+    def __init__(self, module: nn.Module):
+        self.module, self.best, self.state = module, -math.inf, None
         self.offset = 0  # epochs of earlier stages: best_epoch counts across stages (0-based)
         self.best_epoch = 0
-        self.unsaved = False
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.state}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
-        self.restore()
-
-    def restore(self) -> None:
-        """Best weights back from disk (a resumed run)."""
-        if self.dir is not None and (self.dir / "best.pt").is_file():
-            saved = torch.load(self.dir / "best.pt", map_location="cpu", weights_only=True)
-            self.best, self.best_epoch, self.state = saved["best"], saved["best_epoch"], saved["weights"]
-
-    def flush(self) -> None:
-        """Write the best weights if they changed since the last write (rank zero's job)."""
-        if self.unsaved and self.dir is not None:
-            atomic_save({"best": self.best, "best_epoch": self.best_epoch, "weights": self.state}, self.dir / "best.pt")
-        self.unsaved = False
+        self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state["weights"]
 
     def on_train_epoch_end(self, trainer, pl_module):
         acc = float(trainer.callback_metrics["val/acc"])
         if acc > self.best:
             self.best, self.best_epoch = acc, self.offset + trainer.current_epoch
             self.state = copy.deepcopy(self.module.state_dict())
-            self.unsaved = True
 
 
 class RngState(Callback):
@@ -286,17 +271,18 @@ class SaveState(Callback):
     """After an epoch (and every callback's bookkeeping), the whole training state through Lightning's own
     ``save_checkpoint`` (weights, optimizer, schedule, epoch, early stopping, best-epoch and RNG state),
     through :class:`AtomicCheckpointIO`: written to a temporary file and renamed into place when whole, so a kill
-    at any moment leaves the previous state whole. The best weights are flushed just before it.
+    at any moment leaves the previous state whole; the best weights so far travel inside it (:class:`KeepBest`).
 
     Written after the first epoch, then after the first epoch that ends at least :data:`STATE_EVERY` times as
     long after the last write as that write took, so writing costs at most about a tenth of training: a
     small model's state (tens of MB, milliseconds) is written after every epoch, baseline-cnn's (0.9 GB, about
     3 s on two cores against a 7-10 s epoch) every third or fourth; a crash loses at most that much work. The
-    epoch that ends a stage writes nothing: the stage's end is recorded in ``progress.json`` instead. Under DDP
-    rank zero's clock decides for every rank (the write is collective)."""
+    epoch that ends a stage writes nothing: the stage's end is recorded in ``progress.json`` instead (early
+    stopping decides when validation ends, before this runs). Under DDP rank zero's clock decides for every
+    rank (the write is collective)."""
 
-    def __init__(self, path: Path, keep: KeepBest):
-        self.path, self.keep = path, keep
+    def __init__(self, path: Path):
+        self.path = path
         self.due = -math.inf
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -304,8 +290,6 @@ class SaveState(Callback):
         if trainer.strategy.broadcast(last or time.monotonic() < self.due, src=0):
             return
         t = time.monotonic()
-        if trainer.is_global_zero:
-            self.keep.flush()
         trainer.save_checkpoint(self.path, weights_only=False)  # collective under DDP; rank 0 writes
         self.due = time.monotonic() + STATE_EVERY * (time.monotonic() - t)
 
@@ -411,9 +395,9 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
     """Train ``net`` in place on ``data``'s train split, choosing weights on its val split.
 
     With ``state_dir``, the training state is written there as epochs end (``stage<k>-last.ckpt``, how often:
-    :class:`SaveState`; the best weights in ``best.pt``, finished stages in ``progress.json``), and a fit that
-    finds such a folder continues from the last epoch written: the result is the same as an uninterrupted
-    fit's on the same machine.
+    :class:`SaveState`; finished stages in ``progress.json``, their best weights in ``best-stage<k>.pt``), and
+    a fit that finds such a folder continues from the last epoch written: the result is the same as an
+    uninterrupted fit's on the same machine.
     """
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -423,7 +407,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         print(choice.message(name), file=sys.stderr, flush=True)
     train, val = data.splits["train"], data.splits["val"]
     result = FitResult(precision=precision, precision_note=choice.message(name).removeprefix("ferlab: "))
-    keep = KeepBest(net, state_dir)
+    keep = KeepBest(net)
     done_stages = 0
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -431,8 +415,8 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         if progress.is_file():  # a resumed fit: finished stages are not trained again
             saved = json.loads(progress.read_text())
             done_stages, result.epochs = saved["stages_done"], saved["epochs"]
-            keep.restore()
-            if keep.state is not None:
+            if saved.get("best"):
+                keep.load_state_dict(torch.load(state_dir / saved["best"], map_location="cpu", weights_only=True))
                 net.load_state_dict(keep.state)
     t0 = time.perf_counter() - (sum(e["seconds"] for e in result.epochs) if result.epochs else 0.0)
     stages = _stages(name, cfg)
@@ -485,11 +469,15 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         generator = torch.Generator().manual_seed(cfg.seed + stage)
         callbacks: list[Callback] = [table, keep, RngState(generator)]
         if cfg.patience > 0:
-            callbacks.append(EarlyStopping("val/acc", mode="max", patience=cfg.patience))
+            # checked when validation ends, before the epoch-end callbacks: the state SaveState writes then
+            # holds this epoch's verdict (checked after it, a resumed fit lost one epoch of patience)
+            callbacks.append(
+                EarlyStopping("val/acc", mode="max", patience=cfg.patience, check_on_train_epoch_end=False)
+            )
         last = None
         if state_dir is not None:
             last = state_dir / f"stage{stage}-last.ckpt"
-            callbacks.append(SaveState(last, keep))
+            callbacks.append(SaveState(last))
         trainer = L.Trainer(
             max_epochs=cfg.max_epochs,
             accelerator=cfg.accelerator,
@@ -518,8 +506,15 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         if keep.state is not None:
             net.load_state_dict(keep.state)
         if state_dir is not None and is_rank_zero():
-            keep.flush()  # the stage's best weights first: progress.json says the stage is done
-            write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs})
+            # the best weights in a file of this stage's own, then progress.json naming it: a kill between the two
+            # leaves the previous stage's record and file as they were
+            best = f"best-stage{stage}.pt" if keep.state is not None else ""
+            if best:
+                atomic_save(keep.state_dict(), state_dir / best)
+            write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs, "best": best})
+            for old in state_dir.glob("best-stage*.pt"):
+                if old.name != best:
+                    old.unlink()
             last.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     best = result.epochs[keep.best_epoch]
