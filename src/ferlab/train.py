@@ -234,16 +234,19 @@ class KeepBest(Callback):
     saved inside each training-state checkpoint, so a resumed stage continues with exactly the best it had
     when that state was written; at a stage's end :func:`fit_model` writes them beside ``progress.json``."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, legacy: Path | None = None):
         self.module, self.best, self.state = module, -math.inf, None
         self.offset = 0  # epochs of earlier stages: best_epoch counts across stages (0-based)
         self.best_epoch = 0
+        self.legacy = legacy  # best.pt: where the training state of an earlier ferlab kept them
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.state}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state["weights"]
+        if "weights" not in state and self.legacy is not None and self.legacy.is_file():
+            state = torch.load(self.legacy, map_location="cpu", weights_only=True)
+        self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state.get("weights")
 
     def on_train_epoch_end(self, trainer, pl_module):
         acc = float(trainer.callback_metrics["val/acc"])
@@ -275,11 +278,11 @@ class SaveState(Callback):
 
     Written after the first epoch, then after the first epoch that ends at least :data:`STATE_EVERY` times as
     long after the last write as that write took, so writing costs at most about a tenth of training: a
-    small model's state (tens of MB, milliseconds) is written after every epoch, baseline-cnn's (0.9 GB, about
-    3 s on two cores against a 7-10 s epoch) every third or fourth; a crash loses at most that much work. The
-    epoch that ends a stage writes nothing: the stage's end is recorded in ``progress.json`` instead (early
-    stopping decides when validation ends, before this runs). Under DDP rank zero's clock decides for every
-    rank (the write is collective)."""
+    small model's state (tens of MB, milliseconds) is written after every epoch, baseline-cnn's (1.2 GB with
+    its best weights, about 3 s on two cores against a 7-10 s epoch) every third or fourth; a crash loses at
+    most that much work. The epoch that ends a stage writes nothing: the stage's end is recorded in
+    ``progress.json`` instead (early stopping decides when validation ends, before this runs). Under DDP
+    rank zero's clock decides for every rank (the write is collective)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -407,7 +410,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         print(choice.message(name), file=sys.stderr, flush=True)
     train, val = data.splits["train"], data.splits["val"]
     result = FitResult(precision=precision, precision_note=choice.message(name).removeprefix("ferlab: "))
-    keep = KeepBest(net)
+    keep = KeepBest(net, None if state_dir is None else state_dir / "best.pt")
     done_stages = 0
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -415,8 +418,9 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         if progress.is_file():  # a resumed fit: finished stages are not trained again
             saved = json.loads(progress.read_text())
             done_stages, result.epochs = saved["stages_done"], saved["epochs"]
-            if saved.get("best"):
-                keep.load_state_dict(torch.load(state_dir / saved["best"], map_location="cpu", weights_only=True))
+            best = saved.get("best", "best.pt")  # (best.pt: a run killed under an earlier ferlab)
+            if best and (state_dir / best).is_file():
+                keep.load_state_dict(torch.load(state_dir / best, map_location="cpu", weights_only=True))
                 net.load_state_dict(keep.state)
     t0 = time.perf_counter() - (sum(e["seconds"] for e in result.epochs) if result.epochs else 0.0)
     stages = _stages(name, cfg)
@@ -512,9 +516,9 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
             if best:
                 atomic_save(keep.state_dict(), state_dir / best)
             write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs, "best": best})
-            for old in state_dir.glob("best-stage*.pt"):
+            for old in [*state_dir.glob("best-stage*.pt"), state_dir / "best.pt"]:
                 if old.name != best:
-                    old.unlink()
+                    old.unlink(missing_ok=True)
             last.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     best = result.epochs[keep.best_epoch]
