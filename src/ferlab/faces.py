@@ -67,19 +67,21 @@ def yunet_path() -> str:
     return str(path)
 
 
-_YUNET_SESSION = None
+_YUNET: tuple = ()  # (ONNX Runtime session, its output names), made on first use
 _yunet_lock = threading.Lock()
 YUNET_STRIDES = (8, 16, 32)
 YUNET_SCORE = 0.3  # what OpenCV's FaceDetectorYN keeps before its NMS; ferlab's own threshold applies after
 
 
-def _yunet_session():
+def _yunet_session() -> tuple:
     """One ONNX Runtime session for the process (its ``run`` is safe to call from many threads), with the input's
     height and width made free: the graph itself (convolutions, a reshape to ``[1, -1, k]``, x2 upsampling)
     works at any size that is a multiple of 32, which is how OpenCV's ``FaceDetectorYN`` runs the same file."""
+    global _YUNET
+    if _YUNET:
+        return _YUNET
     with _yunet_lock:
-        global _YUNET_SESSION
-        if _YUNET_SESSION is None:
+        if not _YUNET:
             import onnx
             import onnxruntime as ort
 
@@ -94,10 +96,9 @@ def _yunet_session():
             # no more requests/s and one client's request cost twice the CPU (threads spinning)
             options.inter_op_num_threads = options.intra_op_num_threads = 1
             options.log_severity_level = 3
-            _YUNET_SESSION = ort.InferenceSession(
-                graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-        return _YUNET_SESSION
+            session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            _YUNET = session, [o.name for o in session.get_outputs()]
+    return _YUNET
 
 
 def _yunet(rgb: np.ndarray, min_side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,8 +110,8 @@ def _yunet(rgb: np.ndarray, min_side: int) -> tuple[np.ndarray, np.ndarray]:
     ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
     blob = np.zeros((1, 3, ph, pw), np.float32)
     blob[0, :, :h, :w] = rgb[..., ::-1].transpose(2, 0, 1)
-    session = _yunet_session()
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": blob})))
+    session, names = _yunet_session()
+    outputs = dict(zip(names, session.run(None, {"input": blob})))
     boxes, scores = [], []
     for stride in YUNET_STRIDES:  # in float32 throughout, as OpenCV computes: a corner rounds as OpenCV's does
         cols, step = pw // stride, np.float32(stride)
