@@ -278,11 +278,11 @@ class SaveState(Callback):
 
     Written after the first epoch, then after the first epoch that ends at least :data:`STATE_EVERY` times as
     long after the last write as that write took, so writing costs at most about a tenth of training: a
-    small model's state (tens of MB, milliseconds) is written after every epoch, baseline-cnn's (1.2 GB with
-    its best weights, about 3 s on two cores against a 7-10 s epoch) every third or fourth; a crash loses at
-    most that much work. The epoch that ends a stage writes nothing: the stage's end is recorded in
-    ``progress.json`` instead (early stopping decides when validation ends, before this runs). Under DDP
-    rank zero's clock decides for every rank (the write is collective)."""
+    small model's state is written after nearly every epoch, baseline-cnn's (1.2 GB with its best weights)
+    2-3 times in 8 epochs on two cores; a crash loses at most that much work. The epoch that ends a stage
+    writes nothing: the stage's end is recorded in ``progress.json`` instead (early stopping decides when
+    validation ends, before this runs). Under DDP rank zero's clock decides for every rank (the write is
+    collective)."""
 
     def __init__(self, path: Path):
         self.path = path
