@@ -18,7 +18,7 @@ from PIL import Image
 from ferlab.config import DataConfig
 from ferlab.data import Preprocess, decode, decode_many, load_data
 
-from .conftest import make_tree, only_run, read_csv, run_cli
+from .conftest import CKPLUS, SHARED, make_tree, only_run, read_csv, run_cli
 
 TINY = ["--image-size", "32", "--no-progress"]
 
@@ -149,6 +149,9 @@ def test_symlink_loops_and_dangling_links_are_listed_not_lost(tmp_path):
     assert reasons == {"loop.png": "symbolic link loop", "gone.jpg": "broken symbolic link (its target does not exist)"}
 
 
+@pytest.mark.skipif(
+    not (SHARED / "datasets" / "fer2013").is_dir() or not CKPLUS.is_dir(), reason="needs ../shared/datasets"
+)
 def test_face_detection_is_deterministic_across_threads(tmp_path):
     from .test_faces import composed_photos
 
