@@ -151,6 +151,50 @@ def test_no_face_is_a_note_not_an_error(client):
     assert body["faces"][0]["unusual"] == "blank image (no contrast)"
 
 
+@pytest.mark.slow
+def test_requests_in_the_works_are_bounded_and_the_rest_wait(model_file, monkeypatch):
+    """At most IN_FLIGHT requests between decoding and their classified faces, at most one decoding per core;
+    without the first bound, requests kept decoding while a slow batch ran and 12 were in the works at once."""
+    from ferlab import serve
+
+    base = load_models([str(model_file)])[0]
+    lock, now, most = threading.Lock(), {"works": 0, "decoding": 0}, {"works": 0, "decoding": 0}
+
+    def count(key: str, step: int) -> None:
+        with lock:
+            now[key] += step
+            most[key] = max(most[key], now[key])
+
+    class Slow(type(base)):
+        def prepare(self, im, **kw):
+            count("works", 1)
+            count("decoding", 1)
+            time.sleep(0.02)
+            count("decoding", -1)
+            return super().prepare(im, **kw)
+
+        def classify(self, crops):
+            time.sleep(0.1)
+            out = super().classify(crops)
+            count("works", -len(crops))
+            return out
+
+    monkeypatch.setattr(serve, "IN_FLIGHT", 3)
+    app = create_app([Slow(base.name, base.runtime, base.card, base.label)], max_bytes=300_000)
+    image = png(Image.new("RGB", (40, 40), (10, 200, 10)))
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ferlab") as c:
+            answers = await asyncio.gather(
+                *(c.post("/v1/predict", content=image, headers={"content-type": "image/png"}) for _ in range(12))
+            )
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(main()) == [200] * 12
+    assert most["works"] == 3 and 1 <= most["decoding"] <= min(3, serve.cores()), most
+
+
 def _serve_in_thread(model_file: Path, port: int):
     import uvicorn
 
