@@ -152,7 +152,7 @@ def test_no_face_is_a_note_not_an_error(client):
 
 
 @pytest.mark.slow
-def test_requests_in_the_works_are_bounded_and_the_rest_wait(model_file, monkeypatch):
+def test_requests_in_the_works_are_bounded(model_file, monkeypatch):
     """At most IN_FLIGHT requests between decoding and their classified faces, at most one decoding per core;
     without the first bound, requests kept decoding while a slow batch ran and 12 were in the works at once."""
     from ferlab import serve
@@ -180,6 +180,7 @@ def test_requests_in_the_works_are_bounded_and_the_rest_wait(model_file, monkeyp
             return out
 
     monkeypatch.setattr(serve, "IN_FLIGHT", 3)
+    monkeypatch.setattr(serve, "cores", lambda: 2)  # the same bound on any CI machine
     app = create_app([Slow(base.name, base.runtime, base.card, base.label)], max_bytes=300_000)
     image = png(Image.new("RGB", (40, 40), (10, 200, 10)))
 
@@ -192,7 +193,7 @@ def test_requests_in_the_works_are_bounded_and_the_rest_wait(model_file, monkeyp
         return [a.status_code for a in answers]
 
     assert asyncio.run(main()) == [200] * 12
-    assert most["works"] == 3 and 1 <= most["decoding"] <= min(3, serve.cores()), most
+    assert most == {"works": 3, "decoding": 2}, most
 
 
 def _serve_in_thread(model_file: Path, port: int):

@@ -214,9 +214,9 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
     # request could wait for a whole long batch: at 50 clients p99 was 1.5-1.9x p50 rather than 1.2-1.3x.
     admitted = asyncio.Semaphore(IN_FLIGHT)
     # one request decoding and detecting per core (detection runs on one thread): at 50 clients on 2 cores this
-    # served 69-82 requests/s where 4 at once served 64-74, side by side (README); at most 8, since decoding a
-    # large image takes memory
-    decoding = asyncio.Semaphore(min(8, cores()))
+    # served 69-82 requests/s where 4 at once served 64-74, side by side (README); at most 4, as before, since
+    # decoding a large image takes memory (and a container's CPU quota may be below the cores it sees)
+    decoding = asyncio.Semaphore(min(4, cores()))
     default = models[0].label
     app = FastAPI(
         title="ferlab",
@@ -302,6 +302,8 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
             return out
 
         async with admitted:  # waiting here holds no worker thread, so /healthz always answers
+            if await request.is_disconnected():  # gone while it waited: its turn goes to the next request
+                raise Refused(499, "The client closed the connection before its turn.")
             async with decoding:
                 prepared = await run_in_threadpool(prepare)
             future = batchers[name].submit([c for _, _, crops in prepared for c in crops])
