@@ -196,6 +196,40 @@ def test_requests_in_the_works_are_bounded(model_file, monkeypatch):
     assert most == {"works": 3, "decoding": 2}, most
 
 
+@pytest.mark.slow
+def test_requests_over_the_pending_bound_are_refused_with_503_before_their_body_is_read(model_file):
+    base = load_models([str(model_file)])[0]
+
+    class Slow(type(base)):
+        def classify(self, crops):
+            time.sleep(0.5)
+            return super().classify(crops)
+
+    app = create_app([Slow(base.name, base.runtime, base.card, base.label)], max_bytes=300_000, max_pending=3)
+    image = png(Image.new("RGB", (40, 40), (10, 200, 10)))
+    read = []
+
+    async def streamed():  # a body the server reads only if it takes the request
+        read.append(True)
+        yield image
+
+    async def main() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ferlab") as c:
+            post = lambda body: c.post("/v1/predict", content=body, headers={"content-type": "image/png"})  # noqa: E731
+            held = [asyncio.create_task(post(image)) for _ in range(3)]
+            await asyncio.sleep(0.1)  # the three are held: the classifier takes 0.5 s
+            busy = await post(streamed())
+            return list(await asyncio.gather(*held)), busy, await post(image)
+
+    held, busy, after = asyncio.run(main())
+    assert [a.status_code for a in held] == [200] * 3
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.json() == {"detail": "The server is busy (3 requests are ahead); try again shortly."}
+    assert not read, "the refused request's body was read"
+    assert after.status_code == 200  # the held requests' places are free again
+
+
 def _serve_in_thread(model_file: Path, port: int):
     import uvicorn
 

@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="largest request body (default 10 MB)")
+    sv.add_argument(
+        "--max-pending",
+        type=int,
+        default=128,
+        help="most predict requests held at once, received, waiting or being worked on; more get 503 (default 128)",
+    )
     sub.add_parser("models", help="list the registry's architectures and the shipped pretrained models")
     info = sub.add_parser("info", help="print a checkpoint's model card")
     info.add_argument("checkpoint", help="a model.ckpt, an exported .onnx or a shipped model's name")
@@ -216,9 +222,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ferlab.predict import load_models
         from ferlab.serve import serve
 
-        if args.max_bytes < 1 or not 0 < args.port < 65536:
-            raise FerlabError("--max-bytes must be positive and --port between 1 and 65535.")
-        serve(load_models(args.checkpoint or []), args.host, args.port, args.max_bytes)
+        if args.max_bytes < 1 or args.max_pending < 1 or not 0 < args.port < 65536:
+            raise FerlabError("--max-bytes and --max-pending must be positive and --port between 1 and 65535.")
+        serve(load_models(args.checkpoint or []), args.host, args.port, args.max_bytes, args.max_pending)
         return 0
     if args.command == "models":
         from ferlab.cards import models_table

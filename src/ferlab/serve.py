@@ -13,8 +13,9 @@ Requests share forward passes: a :class:`Batcher` per model collects the faces o
 a few milliseconds and classifies them in one batch on its own thread, while decoding and face detection run
 in the server's thread pool, so the event loop never waits on a model. At most ``IN_FLIGHT`` requests are
 being worked on at once; the others wait in arrival order, which keeps the slowest requests close to the
-median under load. Bodies are read with a byte limit
-and refused as soon as they pass it; no request names a file on disk.
+median under load. Beyond ``MAX_PENDING`` requests held at once (uploading, waiting or in the works), the next
+are refused with 503 before their bodies are read. Bodies are read with a byte limit and refused as soon as they
+pass it; no request names a file on disk.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16  # images in one request
 IN_FLIGHT = 16  # requests being decoded, detected or classified at once (see create_app)
+MAX_PENDING = 128  # requests held at once (receiving, waiting or in the works); more are refused with 503
 
 
 def cores() -> int:
@@ -205,8 +207,11 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
     raise Refused(415, f"Unsupported content type {ctype}; send multipart/form-data, JSON or an image body.")
 
 
-def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> FastAPI:
-    """The server's app: ``models`` by label, the first the default."""
+def create_app(
+    models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING
+) -> FastAPI:
+    """The server's app: ``models`` by label, the first the default; at most ``max_pending`` predict requests
+    held at once (each may hold up to ``max_bytes`` of body while it waits), the next ones refused with 503."""
     by_name = {m.label: m for m in models}
     batchers = {name: Batcher(m) for name, m in by_name.items()}
     # at most IN_FLIGHT requests are past the door at once (decoding, detecting or waiting for their batch); the
@@ -217,6 +222,7 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
     # served 69-82 requests/s where 4 at once served 64-74, side by side (README); at most 4, as before, since
     # decoding a large image takes memory (and a container's CPU quota may be below the cores it sees)
     decoding = asyncio.Semaphore(min(4, cores()))
+    pending = [0]  # predict requests held now: receiving their body, waiting at the door or in the works
     default = models[0].label
     app = FastAPI(
         title="ferlab",
@@ -226,7 +232,7 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
 
     @app.exception_handler(HTTPException)
     async def one_sentence(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -278,6 +284,17 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
     )
     async def predict(request: Request) -> dict:
         """Each face's box, label and probabilities for one image (or several: ``results``)."""
+        if pending[0] >= max_pending:  # refused before its body is read: held bodies stay under a bound
+            raise Refused(
+                503, f"The server is busy ({max_pending} requests are ahead); try again shortly.", {"Retry-After": "1"}
+            )
+        pending[0] += 1
+        try:
+            return await answer(request)
+        finally:
+            pending[0] -= 1
+
+    async def answer(request: Request) -> dict:
         t0 = time.perf_counter()
         uploads, options = await parse(request, max_bytes)
         if len(uploads) > MAX_IMAGES:
@@ -330,9 +347,9 @@ def create_app(models: list[Model], max_bytes: int = MAX_BYTES, max_pixels: int 
     return app
 
 
-def serve(models: list[Model], host: str, port: int, max_bytes: int) -> None:
+def serve(models: list[Model], host: str, port: int, max_bytes: int, max_pending: int = MAX_PENDING) -> None:
     import uvicorn
 
-    app = create_app(models, max_bytes)
+    app = create_app(models, max_bytes, max_pending=max_pending)
     print(f"ferlab: serving {', '.join(m.label for m in models)} on http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
