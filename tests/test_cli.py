@@ -225,3 +225,19 @@ def test_shipped_configs_load():
         merge(StudyConfig(), load_yaml(f))
     deep = merge(StudyConfig(), load_yaml(root / "transfer-deep.yaml"))
     assert (deep.train.backbone_size, deep.train.fine_tune_layers, deep.train.augment) == (112, 6, "fine-tune")
+
+
+def test_every_command_prints_its_help(capsys):
+    """Help is formatted with %: one unescaped "5%" in a config field's help made `ferlab run --help` crash."""
+    import argparse
+
+    from ferlab.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"run", "train", "predict", "serve", "export"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage: ferlab " + name in capsys.readouterr().out

@@ -215,7 +215,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, section: str, skip: tu
             continue
         flag = "--" + f.name.replace("_", "-")
         dest = f"{section}.{f.name}"  # "" section: a top-level field
-        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        text = f.metadata.get("help")  # argparse formats help with %: a literal "5%" must be "5%%"
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": text and text.replace("%", "%%")}
         inner = tp
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             inner = next(a for a in typing.get_args(tp) if a is not type(None))
