@@ -160,6 +160,30 @@ def test_a_video_face_is_tracked_classified_and_its_change_seen(face_video, ck_m
     assert (tmp_path / "v" / "timeline_track1.png").is_file()
 
 
+@requires_ckplus
+@pytest.mark.slow
+def test_a_scene_cut_ends_every_track(ck_model, tmp_path):
+    """After a cut, the face at nearly the same place is somebody else's: it must not inherit the track (and its
+    smoothed emotion) of the face before the cut."""
+    happy, surprise = ck_faces("happy", 1, 150)[0], ck_faces("surprise", 1, 150)[0]
+    frames = []
+    for i in range(20):
+        f = np.full((480, 640, 3), (40, 90, 160) if i < 10 else (170, 150, 90), np.uint8)
+        x = 200 if i < 10 else 215  # the boxes overlap far above TRACK_IOU across the cut
+        f[150:300, x : x + 150] = happy if i < 10 else surprise
+        frames.append(f)
+    write_video(tmp_path / "cut.mp4", frames)
+    ck = ck_model / "vgg-small" / "model.ckpt"
+    r = run_cli(
+        "predict", "--checkpoint", str(ck), str(tmp_path / "cut.mp4"), "--smooth", "5", "--out", str(tmp_path / "v")
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 tracks (1 scene cut)" in r.stdout, r.stdout
+    rows = read_csv(tmp_path / "v" / "video_frames.csv")
+    assert [r["track"] for r in rows] == ["1"] * 10 + ["2"] * 10
+    assert rows[10]["label"] == "surprise"  # its own face from its first frame, nothing carried over
+
+
 @pytest.mark.slow
 def test_truncated_empty_and_non_videos(tmp_path, region_model):
     ck, _ = region_model

@@ -6,7 +6,8 @@
 Frames are read one at a time with OpenCV (``--every N`` frames, or ``--fps F`` per second), so memory does
 not grow with the video. Each sampled frame goes through the model's own preprocessing (:mod:`ferlab.inference`:
 face detection and crop as its card says), faces are tied to tracks by box overlap (IoU) from one sampled
-frame to the next, and each track's probabilities are smoothed with an exponential moving average of time
+frame to the next (a scene cut, where the whole frame changes, ends every track: the face at the same place
+after a cut is somebody else), and each track's probabilities are smoothed with an exponential moving average of time
 constant ``--smooth`` seconds. Written into the output folder:
 
 * ``video_frames.csv``: time, frame, track, box, label (smoothed), probabilities (smoothed and raw);
@@ -41,6 +42,17 @@ from ferlab.predict import load_models  # noqa: E402
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".wmv"}
 TRACK_IOU = 0.3  # a face continues a track when its box overlaps the track's last box this much
 TRACK_GAP = 1.0  # seconds a track may go unseen before a face is a new track (at least 1.5 sampling intervals)
+# a scene cut: the mean absolute change of hue, saturation and value (OpenCV's 8-bit HSV) from the last sampled
+# frame is over this; PySceneDetect's ContentDetector default. A face moving or changing expression changes a
+# few percent of the frame and stays far below it.
+CUT = 27.0
+
+
+def _hsv(rgb: np.ndarray) -> np.ndarray:
+    """The frame, shrunk to 160 px wide, in HSV: what :data:`CUT` compares."""
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (160, max(1, round(160 * h / w))), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_RGB2HSV).astype(np.int16)
 
 
 def is_video(path: str | Path) -> bool:
@@ -124,7 +136,8 @@ def run_video(
     writer = None
     tracks: dict[int, Track] = {}
     finished: list[Track] = []
-    next_id, frame_no, classified, faces_total = 1, -1, 0, 0
+    next_id, frame_no, classified, faces_total, cuts = 1, -1, 0, 0, 0
+    last_hsv: np.ndarray | None = None
     t0 = time.perf_counter()
     progress = _Progress(expected // step if expected else 0)
     decode_error = False
@@ -154,6 +167,12 @@ def run_video(
                 boxes = [f.box or (0, 0, rgb.shape[1], rgb.shape[0]) for f in faces]  # whole frames track as one
                 classified += 1
                 faces_total += len(faces)
+                hsv = _hsv(rgb)
+                if last_hsv is not None and last_hsv.shape == hsv.shape and float(np.abs(hsv - last_hsv).mean()) > CUT:
+                    finished += tracks.values()  # a new shot: its faces start new tracks
+                    tracks.clear()
+                    cuts += 1
+                last_hsv = hsv
                 # tie faces to tracks, best overlaps first
                 for k in [k for k, t in tracks.items() if now - t.seen > track_gap]:
                     finished.append(tracks.pop(k))
@@ -230,8 +249,8 @@ def run_video(
     plot_timelines(out, classes)
     lines = [
         f"{classified} of {frame_no} frames classified ({classified / max(seconds, 1e-9):.1f} frames/s), {faces_total} "
-        f"faces in {len(summary)} tracks; {out / 'video_frames.csv'}, {out / 'video_summary.csv'}, "
-        f"{out / 'annotated.mp4'}"
+        f"faces in {len(summary)} tracks ({cuts} scene cut{'' if cuts == 1 else 's'}); {out / 'video_frames.csv'}, "
+        f"{out / 'video_summary.csv'}, {out / 'annotated.mp4'}"
     ]
     read_frames = frame_no
     if decode_error or (expected and read_frames < expected - step):
