@@ -67,12 +67,17 @@ def test_analyze_takes_paths_arrays_pil_and_lists_and_matches_predict(tiny_model
         (np.zeros((32, 32, 3), np.float64), "the image is a float64 array; pass uint8 pixels"),
         (np.zeros((2, 3, 32, 32), np.uint8), "the image is an array of shape (2, 3, 32, 32); pass H x W x 3"),
         ([np.zeros((32, 32, 3), np.uint8), "nowhere.png"], "image 1 of the list: the file nowhere.png does not exist."),
-        (42, "the image is a int; pass a file path, a PIL image or a uint8 NumPy array"),
+        (42, "the image is of type int; pass a file path, a PIL image or a uint8 NumPy array"),
+        ("face_crop", "face_crop must be None, 'off', 'auto' or 'on', not 'maybe'."),
     ],
 )
 def test_analyze_mistakes_are_one_sentence(tiny_model, image, message):
+    assert ferlab.FerlabError is FerlabError  # `except ferlab.FerlabError` works without another import
     with pytest.raises(FerlabError) as e:
-        ferlab.analyze(image, model=str(tiny_model))
+        if isinstance(image, str) and image == "face_crop":
+            ferlab.analyze(np.zeros((32, 32, 3), np.uint8), model=str(tiny_model), face_crop="maybe")
+        else:
+            ferlab.analyze(image, model=str(tiny_model))
     assert message in str(e.value)
 
 

@@ -181,6 +181,7 @@ def _one_error_line(r, message: str) -> None:
         ("bad-checkpoint", "is not a ferlab checkpoint or is corrupted"),
         ("bad-config", "Unknown config key 'train.epochs'; expected one of: max_epochs,"),
         ("out-is-a-file", "cannot use {tmp}/out: file exists."),
+        ("out-under-proc", "cannot use /proc/ferlab-out: no such file or directory."),
         ("serve-pending", "--max-bytes and --max-pending must be positive and --port between 1 and 65535."),
     ],
 )
@@ -195,6 +196,8 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     elif case == "bad-checkpoint":
         (tmp_path / "x.ckpt").write_bytes(b"garbage")
         r = run_cli("evaluate", str(tmp_path / "x.ckpt"), str(make_tree(tmp_path / "d", per_class=2)))
+    elif case == "out-under-proc":  # an OSError other than the usual four once ended in a traceback
+        r = run_cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", "/proc/ferlab-out")
     elif case == "serve-pending":
         r = run_cli("serve", "--max-pending", "0", "--port", str(8000))
     elif case == "out-is-a-file":

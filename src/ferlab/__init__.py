@@ -4,6 +4,8 @@
 >>> ferlab.analyze("photo.jpg")          # the shipped fer2013 model; see ferlab.api   # doctest: +SKIP
 """
 
+from ferlab.errors import FerlabError
+
 __version__ = "0.2.0"
 
 
@@ -15,4 +17,4 @@ def __getattr__(name: str):  # the API's imports (torch) load on first use, not 
     raise AttributeError(f"module 'ferlab' has no attribute {name!r}")
 
 
-__all__ = ["analyze", "__version__"]
+__all__ = ["FerlabError", "analyze", "__version__"]

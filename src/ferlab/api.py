@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from ferlab.data import BadImage, NoFace, normalize_mode, open_rgb
 from ferlab.errors import FerlabError
+from ferlab.faces import POLICIES
 from ferlab.inference import Face, Model, default_model_name, load_model
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -66,7 +67,7 @@ def to_pil(image: ImageLike, max_pixels: int, bgr: bool = False, where: str = "t
             raise FerlabError(f"{where} is an empty array of shape {image.shape}.")
         return Image.fromarray(np.ascontiguousarray(arr), "RGB")
     raise FerlabError(
-        f"{where} is a {type(image).__name__}; pass a file path, a PIL image or a uint8 NumPy array (or a list)."
+        f"{where} is of type {type(image).__name__}; pass a file path, a PIL image or a uint8 NumPy array (or a list)."
     )
 
 
@@ -101,6 +102,8 @@ def analyze(
         and ``unusual`` (why the input is unlike the model's training data, or ""). For a list, one such list
         per image.
     """
+    if face_crop not in (None, *POLICIES):
+        raise FerlabError(f"face_crop must be None, 'off', 'auto' or 'on', not {face_crop!r}.")
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     m = _model(model)

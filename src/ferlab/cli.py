@@ -178,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.: stop quietly
         sys.stderr.close()
         return 0
-    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        # an --out that names a file, or a folder the user cannot write: the user's mistake, said in one sentence
+    except OSError as e:
+        # an --out that names a file, a folder the user cannot write, a path under /proc: one sentence
+        if e.filename is None or not e.strerror:
+            raise
         print(f"ferlab: error: cannot use {e.filename}: {e.strerror.lower()}.", file=sys.stderr)
         _remove_empty_folders()
         return 2
