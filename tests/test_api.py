@@ -137,8 +137,17 @@ def test_evaluate_maps_drops_says_baselines_and_warns_of_training_overlap(tiny_m
     (other / "hexagon" / "h.png").write_bytes(f.read_bytes())
     (other / "ring").mkdir()
     (other / "ring" / "r.png").write_bytes(f.read_bytes())
+    (other / "square" / "broken.png").write_bytes(b"not a png")
     r = run_cli("evaluate", str(tiny_model), str(other), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "does not know: hexagon, ring" in r.stderr and "map them with --class-map" in r.stderr
+    r = run_cli(
+        "evaluate", str(tiny_model), str(other), "--drop-classes", "hexagon", "hexagn", "--class-map", "ring=circle"
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (
+        f"--drop-classes names hexagn, which is not a class folder of {other} "
+        "(classes: Circle, hexagon, ring, square, triangle)." in r.stderr
+    )
     r = run_cli(
         "evaluate", str(tiny_model), str(other), "--class-map", "ring=circle", "--drop-classes", "hexagon",
         "--out", str(tmp_path / "e"),
@@ -147,6 +156,7 @@ def test_evaluate_maps_drops_says_baselines_and_warns_of_training_overlap(tiny_m
     assert "mapped classes: Circle -> circle, ring -> circle" in r.stderr and "dropped classes: hexagon" in r.stderr
     assert "chance 0.3333, majority class (circle) 0.3846" in r.stdout  # 5 of 13
     assert "were among this model's own training images" in r.stderr  # these files trained it
+    assert "warning: 1 of 14 files could not be read as images and were left out" in r.stderr
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["overlap"]["train"] + m["overlap"]["val"] >= 8 and (tmp_path / "e" / "reliability.png").is_file()
 

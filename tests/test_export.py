@@ -130,3 +130,18 @@ def test_int8_is_written_with_its_accuracy_change_or_refused_over_the_limit(tmp_
     )  # fmt: skip
     assert r.returncode == 2 and "so no int8 file was written" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "g.onnx").is_file() and not (tmp_path / "g-int8.onnx").exists()
+    # a mistake in the data is refused before anything is written (it once left the fp32 file behind)
+    (data / "contempt").mkdir()
+    (data / "contempt" / "c.png").symlink_to(sorted((CKPLUS / "contempt").glob("*.png"))[0])
+    r = run_cli("export", "fer2013", "--out", str(tmp_path / "h.onnx"), "--quantize", "int8", "--data", str(data))
+    assert r.returncode == 2 and "does not know: contempt" in r.stderr and not (tmp_path / "h.onnx").exists()
+    r = run_cli(
+        "export", "fer2013", "--out", str(tmp_path / "h.onnx"), "--quantize", "int8", "--data", str(tmp_path / "no"),
+    )  # fmt: skip
+    assert r.returncode == 2 and "folder" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "h.onnx").exists()
+    r = run_cli(
+        "export", "fer2013", "--out", str(tmp_path / "h.onnx"), "--quantize", "int8", "--data", str(data),
+        "--drop-classes", "contempt",
+    )  # fmt: skip
+    assert r.returncode == 0 and (tmp_path / "h-int8.onnx").is_file(), r.stderr[-2000:]

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--data", help="labelled folder-per-class images on which --quantize measures the accuracy change")
     ex.add_argument("--max-drop", type=float, default=1.0, help="most accuracy points int8 may cost (default 1)")
+    ex.add_argument(
+        "--class-map",
+        help="--data's class names mapped onto the model's, as in evaluate: data=model pairs, e.g. anger=angry",
+    )
+    ex.add_argument("--drop-classes", nargs="+", default=[], metavar="CLASS", help="--data class folders to leave out")
     sv = sub.add_parser("serve", help="serve models over HTTP: a REST API and a web page")
     sv.add_argument(
         "--checkpoint",
@@ -212,7 +217,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "export":
         from ferlab.export import export_onnx
 
-        r = export_onnx(args.checkpoint, args.out, args.quantize, args.data, args.max_drop)
+        r = export_onnx(
+            args.checkpoint, args.out, args.quantize, args.data, args.max_drop, args.class_map, args.drop_classes
+        )
         print(
             f"ferlab: wrote {r.path} ({r.size_bytes / 1e6:.1f} MB; ONNX Runtime matches PyTorch within "
             f"{r.max_diff:.1e} on generated inputs)"

@@ -276,6 +276,18 @@ def scan(root: Path, drop: Sequence[str], what: str) -> list[Record]:
     return records
 
 
+def check_drop(root: Path, drop: Sequence[str], shown: Path | None = None) -> None:
+    """Every class named to be dropped is a class folder of ``root``: a typo is an error, not a no-op."""
+    present = {d.name for d in _class_dirs(root, [])}
+    typos = [c for c in drop if c not in present]
+    if typos:
+        what = "is not a class folder" if len(typos) == 1 else "are not class folders"
+        raise FerlabError(
+            f"--drop-classes names {', '.join(typos)}, which {what} of {shown or root} "
+            f"(classes: {', '.join(sorted(present))})."
+        )
+
+
 def group_of(name: str, pattern: re.Pattern[str] | None) -> str:
     if pattern is None:
         return name
@@ -485,13 +497,7 @@ def load_data(
         raise FerlabError(
             "--folds splits one folder-per-class tree itself; it cannot use train/val/test folders or --test-dir."
         )
-    present = {d.name for d in _class_dirs(root / "train" if presplit else root, [])}
-    typos = [c for c in cfg.drop_classes if c not in present]
-    if typos:
-        what = "is not a class folder" if len(typos) == 1 else "are not class folders"
-        raise FerlabError(
-            f"--drop-classes names {', '.join(typos)}, which {what} of {root} (classes: {', '.join(sorted(present))})."
-        )
+    check_drop(root / "train" if presplit else root, cfg.drop_classes, root)
     if cfg.test_dir:
         given["test"] = scan(Path(os.path.abspath(Path(cfg.test_dir).expanduser())), cfg.drop_classes, "test")
 

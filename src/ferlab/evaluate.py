@@ -29,7 +29,7 @@ from torchmetrics.functional.classification import (  # noqa: E402
     multiclass_recall,
 )
 
-from ferlab.data import decode_many, scan, to_tensor  # noqa: E402
+from ferlab.data import check_drop, decode_many, scan, to_tensor  # noqa: E402
 from ferlab.errors import FerlabError  # noqa: E402
 from ferlab.files import SYNONYMS, save_figure, write_csv  # noqa: E402
 from ferlab.inference import Model, load_model  # noqa: E402
@@ -297,7 +297,9 @@ def labelled(
     """A folder-per-class tree decoded as ``model``'s card prescribes, its classes mapped onto the model's: the
     uint8 batch, the labels, the files, the skipped files with reasons, and what was mapped."""
     drop = list(drop or [])
-    records = scan(Path(os.path.abspath(Path(folder).expanduser())), drop, "evaluation")
+    root = Path(os.path.abspath(Path(folder).expanduser()))
+    records = scan(root, drop, "evaluation")
+    check_drop(root, drop)
     mapping, mapped = map_classes(sorted({r.cls for r in records}), model.classes, parse_class_map(class_map), drop)
     decoded, reasons = decode_many([r.file for r in records], model.pre)
     keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
@@ -342,6 +344,11 @@ def evaluate_model(
     in_train = overlap(files, data_card.get("train_digests"))
     in_val = overlap(files, data_card.get("val_digests"))
     warnings_ = []
+    if skipped:
+        warnings_.append(
+            f"{len(skipped)} of {len(skipped) + len(files)} files could not be read as images and were left out "
+            f"(each with its reason in {out / 'skipped_files.csv'})"
+        )
     if in_train or in_val:
         warnings_.append(
             f"{in_train + in_val} of {len(files)} evaluation images were among this model's own training images "

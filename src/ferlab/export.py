@@ -127,11 +127,13 @@ def _as_model(path: Path, name: str) -> Model:
     return Model(name, OnnxRuntime(session), card)
 
 
-def accuracy_on(model: Model, folder: str) -> tuple[float, int]:
+def accuracy_on(
+    model: Model, folder: str, class_map: str | None = None, drop: list[str] | None = None
+) -> tuple[float, int]:
     """Accuracy of a model on a folder-per-class tree, decoded and mapped as ``ferlab evaluate`` does; its size."""
     from ferlab.evaluate import labelled
 
-    x, y, *_ = labelled(model, folder)
+    x, y, *_ = labelled(model, folder, class_map, drop)
     return float((model.probabilities(x).argmax(1) == y).float().mean()), len(y)
 
 
@@ -141,7 +143,15 @@ def export_onnx(
     quantize: str | None = None,
     data: str | None = None,
     max_drop: float = 1.0,
+    class_map: str | None = None,
+    drop_classes: list[str] | None = None,
 ) -> ExportResult:
+    """``checkpoint`` as an ONNX file whose probabilities match PyTorch's (checked before anything is written);
+    with ``quantize``, also an int8 file if it costs at most ``max_drop`` accuracy points on ``data`` (whose
+    classes are mapped as ``ferlab evaluate`` maps them). A mistake in the data is found before any file is
+    written."""
+    if max_drop != max_drop:  # NaN: every comparison with it is false, so int8 would always be kept
+        raise FerlabError("--max-drop must be a number of accuracy points, got nan.")
     model = load_model(checkpoint)
     if not isinstance(model.runtime, TorchRuntime):
         raise FerlabError(f"{checkpoint} is already an ONNX model; export takes a .ckpt or a shipped model's name.")
@@ -161,10 +171,14 @@ def export_onnx(
                 f"{flipped} predictions differ; allowed {TOLERANCE:g}); nothing was written."
             )
         result = ExportResult(target, diff, len(blob))
+        if quantize:  # the data is read (and any mistake in it refused) before a file is written
+            acc32 = accuracy_on(exported, data, class_map, drop_classes)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(target, blob)
         if quantize:
-            result.int8_path, result.accuracy = _quantize(candidate, exported, data, target, max_drop)
+            result.int8_path, result.accuracy = _quantize(
+                candidate, acc32, data, target, max_drop, class_map, drop_classes
+            )
     return result
 
 
@@ -190,13 +204,21 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     onnx.save(graph, str(int8_path))
 
 
-def _quantize(fp32_path: Path, fp32: Model, data: str, target: Path, max_drop: float) -> tuple[Path, tuple]:
+def _quantize(
+    fp32_path: Path,
+    fp32_accuracy: tuple[float, int],
+    data: str,
+    target: Path,
+    max_drop: float,
+    class_map: str | None,
+    drop: list[str] | None,
+) -> tuple[Path, tuple]:
     """Dynamic int8 quantization of weights, kept only if it costs at most ``max_drop`` points."""
     int8_path = fp32_path.with_name("model-int8.onnx")
     quantize_int8(fp32_path, int8_path)
     int8 = _as_model(int8_path, str(target))
-    acc32, n = accuracy_on(fp32, data)
-    acc8, _ = accuracy_on(int8, data)
+    acc32, n = fp32_accuracy
+    acc8, _ = accuracy_on(int8, data, class_map, drop)
     drop = 100 * (acc32 - acc8)
     print(
         f"ferlab: int8 on {data} (n={n}): accuracy {acc8:.4f} against fp32 {acc32:.4f} ({-drop:+.2f} points)",
