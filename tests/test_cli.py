@@ -182,6 +182,10 @@ def _one_error_line(r, message: str) -> None:
         ("bad-config", "Unknown config key 'train.epochs'; expected one of: max_epochs,"),
         ("out-is-a-file", "cannot use {tmp}/out: file exists."),
         ("out-under-proc", "cannot use /proc/ferlab-out: no such file or directory."),
+        (
+            "explain-onnx",
+            "Grad-CAM needs the PyTorch model and {tmp}/f.onnx is an ONNX file; explain it with --explain",
+        ),
         ("serve-pending", "--max-bytes and --max-pending must be positive and --port between 1 and 65535."),
     ],
 )
@@ -198,6 +202,12 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
         r = run_cli("evaluate", str(tmp_path / "x.ckpt"), str(make_tree(tmp_path / "d", per_class=2)))
     elif case == "out-under-proc":  # an OSError other than the usual four once ended in a traceback
         r = run_cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", "/proc/ferlab-out")
+    elif case == "explain-onnx":  # refused before the CSV and grid were written, not after
+        assert run_cli("export", "fer2013", "--out", str(tmp_path / "f.onnx")).returncode == 0
+        d = make_tree(tmp_path / "d", per_class=1)
+        r = run_cli(
+            "predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "gradcam", "--out", str(out)
+        )
     elif case == "serve-pending":
         r = run_cli("serve", "--max-pending", "0", "--port", str(8000))
     elif case == "out-is-a-file":

@@ -43,18 +43,25 @@ def _normalise(maps: torch.Tensor) -> np.ndarray:
     return ((flat - low) / span).reshape(maps.shape).numpy()
 
 
-def heatmaps(model: Model, crops: Sequence[np.ndarray], targets: Sequence[int], method: str = "gradcam") -> np.ndarray:
-    """One heatmap per crop (H x W x 3 uint8, as the model's preprocessing made it) for the class ``targets[i]``."""
+def check_method(model: Model, method: str) -> None:
+    """A FerlabError, before any work, when ``method`` cannot explain ``model``."""
     if method not in METHODS:
         raise FerlabError(f"Unknown explanation method '{method}'; choose one of: {', '.join(METHODS)}.")
+    if method == "gradcam" and not isinstance(model.runtime, TorchRuntime):
+        raise FerlabError(
+            f"Grad-CAM needs the PyTorch model and {model.name} is an ONNX file; explain it with --explain occlusion."
+        )
+
+
+def heatmaps(model: Model, crops: Sequence[np.ndarray], targets: Sequence[int], method: str = "gradcam") -> np.ndarray:
+    """One heatmap per crop (H x W x 3 uint8, as the model's preprocessing made it) for the class ``targets[i]``."""
+    check_method(model, method)
     if not len(crops):
         return np.zeros((0, 0, 0))
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255  # the models take [0, 1] floats too
     target = torch.as_tensor(list(targets))
     size = x.shape[-2:]
     if method == "gradcam":
-        if not isinstance(model.runtime, TorchRuntime):
-            raise FerlabError("Grad-CAM needs the PyTorch model; explain an ONNX file with --explain occlusion.")
         from captum.attr import LayerAttribution, LayerGradCam
 
         net = model.runtime.net

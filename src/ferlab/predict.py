@@ -343,6 +343,11 @@ def run_predict(
     explain: str | None = None,
 ) -> Prediction:
     models = load_models(checkpoints)
+    if explain:  # refused before anything is read or written
+        from ferlab.explain import check_method
+
+        for m in models:
+            check_method(m, explain)
     for w in face_crop_warnings(models, face_crop):
         print(f"ferlab: warning: {w}", file=sys.stderr)
     files = expand_inputs(inputs)
