@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,7 @@ def _one_error_line(r, message: str) -> None:
             "explain-onnx",
             "Grad-CAM needs the PyTorch model and {tmp}/f.onnx is an ONNX file; explain it with --explain",
         ),
+        ("serve-busy-port", "Cannot listen on 127.0.0.1:{port}: address already in use."),
         ("serve-pending", "--max-bytes and --max-pending must be positive and --port between 1 and 65535."),
     ],
 )
@@ -208,6 +210,14 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
         r = run_cli(
             "predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "gradcam", "--out", str(out)
         )
+    elif case == "serve-busy-port":  # said at once, before the models load and before any "serving" line
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            r = run_cli("serve", "--port", str(port))
+        message = message.replace("{port}", str(port))
+        assert "serving" not in r.stdout
     elif case == "serve-pending":
         r = run_cli("serve", "--max-pending", "0", "--port", str(8000))
     elif case == "out-is-a-file":

@@ -47,13 +47,23 @@ def client(model_file):
         yield c
 
 
+def strings(v) -> list[str]:
+    if isinstance(v, dict):
+        return [s for x in v.values() for s in strings(x)]
+    if isinstance(v, list):
+        return [s for x in v for s in strings(x)]
+    return [v] if isinstance(v, str) else []
+
+
 @pytest.mark.slow
 def test_endpoints_answer(client):
     h = client.get("/healthz").json()
     assert h == {"status": "ok", "models": ["regularized-cnn"], "default": "regularized-cnn"}
     m = client.get("/v1/models").json()
     assert m["models"][0]["classes"] == ["circle", "square", "triangle"] and "card" in m["models"][0]
-    assert not Path(m["models"][0]["card"]["data"]["description"]).is_absolute()  # no server path leaks
+    leaks = [s for s in strings(m) if Path(s).is_absolute() or s.startswith(("~", ".."))]
+    assert not leaks, leaks  # no server path: the summary's "data" once held the training folder's
+    assert m["models"][0]["face_crop"] == "auto for images over 80 px (trained on face crops), off for smaller ones"
     page = client.get("/")
     assert page.status_code == 200 and "getUserMedia" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web font: works offline
@@ -108,6 +118,9 @@ def test_the_same_image_gives_the_same_probabilities_as_ferlab_predict(client, s
         ("type", 415, "Unsupported content type text/csv"),
         ("deep", 422, "The JSON body is not valid JSON."),
         ("total", 413, "'1.png': 6000x4000 with the earlier images is over the pixel limit of 40,000,000"),
+        ("files", 413, "More than 16 images in one request (the limit)."),
+        ("multipart", 422, "The multipart form could not be read (missing boundary in multipart)."),
+        ("flag", 422, "'all_faces' must be true or false, not 'maybe'."),
     ],
 )
 def test_bad_requests_get_one_sentence(client, kind, status, detail, tmp_path):
@@ -135,6 +148,9 @@ def test_bad_requests_get_one_sentence(client, kind, status, detail, tmp_path):
         "total": lambda: client.post(
             "/v1/predict", files=[("image", (f"{i}.png", png(Image.new("1", (6000, 4000))))) for i in range(2)]
         ),
+        "files": lambda: client.post("/v1/predict", files=[("image", (f"{i}.png", good)) for i in range(17)]),
+        "multipart": lambda: client.post("/v1/predict", content=good, headers={"content-type": "multipart/form-data"}),
+        "flag": lambda: client.post("/v1/predict?all_faces=maybe", content=good, headers={"content-type": "image/png"}),
     }[kind]
     r = post()
     assert r.status_code == status and detail in r.json()["detail"], r.text

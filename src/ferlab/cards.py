@@ -26,22 +26,37 @@ def public(card: dict, paths: bool = True) -> dict[str, Any]:
     consumers see. Non-finite numbers become None (JSON has none); ``paths=False`` (a server) keeps only the
     last component of the training data's path."""
 
-    def clean(v: Any, key: str = "") -> Any:
+    def clean(v: Any) -> Any:
         if isinstance(v, dict):
-            return {k: clean(x, k) for k, x in v.items() if not isinstance(x, torch.Tensor) and not k.endswith("_obj")}
+            return {k: clean(x) for k, x in v.items() if not isinstance(x, torch.Tensor) and not k.endswith("_obj")}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         if isinstance(v, float) and not math.isfinite(v):
             return None
-        if not paths and key == "description" and isinstance(v, str) and Path(v).is_absolute():
-            return Path(v).name
-        return v
+        return v if paths else _no_path(v)
 
     return clean(card)
 
 
-def summary(model: Model) -> dict[str, Any]:
-    """The facts a user needs before trusting a model's output."""
+def _no_path(v: Any) -> Any:
+    """A string that is a path (absolute, or from home or a parent folder) as its last component: a server does
+    not tell strangers where its files live."""
+    if isinstance(v, str) and (Path(v).is_absolute() or v.startswith(("~", ".."))):
+        return Path(v).name
+    return v
+
+
+def crop_rule(pre: dict) -> str:
+    """The card's face-crop policy in words: a model trained on face crops crops photos (``auto``) and takes
+    images like its training crops whole."""
+    if pre.get("face_crop", "off") == "off" and pre.get("faces") == "crops":
+        side = 2 * max(pre.get("source_side") or 0, pre.get("image_size") or 0)
+        return f"auto for images over {side} px (trained on face crops), off for smaller ones"
+    return str(pre.get("face_crop", "off"))
+
+
+def summary(model: Model, paths: bool = True) -> dict[str, Any]:
+    """The facts a user needs before trusting a model's output (``paths=False``: without where files live)."""
     card = model.card
     pre = card.get("preprocess", {})
     training = card.get("training", {})
@@ -52,12 +67,12 @@ def summary(model: Model) -> dict[str, Any]:
         "classes": list(card["classes"]),
         "input": f"{pre.get('image_size')}x{pre.get('image_size')} uint8 RGB"
         + (" (grayscale replicated to 3 channels)" if pre.get("grayscale") else ""),
-        "face_crop": pre.get("face_crop"),
+        "face_crop": crop_rule(pre),
         "training_images": pre.get("faces") or "unknown",
         "face_margin": pre.get("face_margin"),
         "face_detector": pre.get("detector", "haar"),
         "test_time_augmentation": bool(card.get("model_args", {}).get("tta")),
-        "data": card.get("data", {}).get("description"),
+        "data": card.get("data", {}).get("description") if paths else _no_path(card.get("data", {}).get("description")),
         "split": card.get("data", {}).get("split_method"),
         "val_acc": training.get("val_acc"),
         "test_metrics": card.get("test_metrics"),

@@ -229,11 +229,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if args.command == "serve":
         from ferlab.predict import load_models
-        from ferlab.serve import serve
+        from ferlab.serve import listen, serve
 
         if args.max_bytes < 1 or args.max_pending < 1 or not 0 < args.port < 65536:
             raise FerlabError("--max-bytes and --max-pending must be positive and --port between 1 and 65535.")
-        serve(load_models(args.checkpoint or []), args.host, args.port, args.max_bytes, args.max_pending)
+        sock = listen(args.host, args.port)
+        serve(load_models(args.checkpoint or []), sock, args.max_bytes, args.max_pending)
         return 0
     if args.command == "models":
         from ferlab.cards import models_table

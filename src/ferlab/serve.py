@@ -28,6 +28,7 @@ import io
 import json
 import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -38,14 +39,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ferlab.cards import public, summary
 from ferlab.data import WEB_FORMATS, BadImage, Decoded, NoFace, crop_policy, decode_image
+from ferlab.errors import FerlabError
 from ferlab.inference import Face, Model
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16  # images in one request
+MAX_FIELDS = 16  # other fields of a multipart form
 IN_FLIGHT = 16  # requests being decoded, detected or classified at once (see create_app)
 MAX_PENDING = 128  # requests held at once (receiving, waiting or in the works); more are refused with 503
 
@@ -159,8 +163,14 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _flag(value: Any) -> bool:
-    return str(value).lower() in ("1", "true", "yes", "on")
+def _flag(value: Any, name: str) -> bool:
+    """A boolean option given as JSON true/false or as text (a query or form field)."""
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise Refused(422, f"'{name}' must be true or false, not {str(value)[:40]!r}.")
 
 
 async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, Any]]:
@@ -173,7 +183,16 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
         async def receive() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
-        form = await Request(request.scope, receive).form(max_files=MAX_IMAGES, max_fields=16)
+        try:
+            form = await Request(request.scope, receive).form(max_files=MAX_IMAGES, max_fields=MAX_FIELDS)
+        except StarletteHTTPException as e:  # Starlette's parser refuses with 400 and its own words
+            detail = str(e.detail)
+            if detail.startswith("Too many files"):
+                raise Refused(413, f"More than {MAX_IMAGES} images in one request (the limit).") from None
+            if detail.startswith("Too many fields"):
+                raise Refused(413, f"More than {MAX_FIELDS} form fields in one request.") from None
+            reason = detail[:1].lower() + detail[1:].rstrip(".")
+            raise Refused(422, f"The multipart form could not be read ({reason}).") from None
         try:
             files = [v for k, v in form.multi_items() if k == "image" and hasattr(v, "read")]
             uploads = [Upload(await f.read(), f"The uploaded file '{f.filename or 'image'}'") for f in files]
@@ -246,7 +265,7 @@ def create_app(
     async def list_models() -> dict:
         return {
             "default": default,
-            "models": [{**summary(m), "card": public(m.card, paths=False)} for m in by_name.values()],
+            "models": [{**summary(m, paths=False), "card": public(m.card, paths=False)} for m in by_name.values()],
         }
 
     @app.post(
@@ -303,7 +322,7 @@ def create_app(
         if name not in by_name:
             raise Refused(404, f"No model called '{name}' is served here; served: {', '.join(by_name)}.")
         model = by_name[name]
-        all_faces = _flag(options.get("all_faces", False))
+        all_faces = _flag(options.get("all_faces", False), "all_faces")
 
         def prepare() -> list[tuple[tuple[int, int], str, list[Decoded]]]:
             out, pixels = [], 0
@@ -347,9 +366,28 @@ def create_app(
     return app
 
 
-def serve(models: list[Model], host: str, port: int, max_bytes: int, max_pending: int = MAX_PENDING) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or one sentence saying why not (taken, or no such address here); bound
+    before the models load, so a busy port is said at once and not after a "serving" line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:  # no such host name
+        raise FerlabError(f"Cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}.") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise FerlabError(f"Cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}.") from None
+    return sock
+
+
+def serve(models: list[Model], sock: socket.socket, max_bytes: int, max_pending: int = MAX_PENDING) -> None:
     import uvicorn
 
     app = create_app(models, max_bytes, max_pending=max_pending)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5)
     print(f"ferlab: serving {', '.join(m.label for m in models)} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    uvicorn.Server(config).run(sockets=[sock])
