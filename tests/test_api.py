@@ -69,6 +69,7 @@ def test_analyze_takes_paths_arrays_pil_and_lists_and_matches_predict(tiny_model
         ([np.zeros((32, 32, 3), np.uint8), "nowhere.png"], "image 1 of the list: the file nowhere.png does not exist."),
         (42, "the image is of type int; pass a file path, a PIL image or a uint8 NumPy array"),
         ("face_crop", "face_crop must be None, 'off', 'auto' or 'on', not 'maybe'."),
+        (Path(__file__).parent, "the image: " + str(Path(__file__).parent) + " is a folder; pass an image file"),
     ],
 )
 def test_analyze_mistakes_are_one_sentence(tiny_model, image, message):
@@ -184,7 +185,7 @@ def test_predict_pages_the_grid_and_shows_truth_only_when_known(tiny_model, tmp_
     from ferlab.predict import grid_size
 
     assert Image.open(pages[0]).size == grid_size(48, 1, truth=False)  # no "true: ?" line without labels
-    assert "and 1 more pages" in r.stdout
+    assert "prediction_grid.png and 1 more page\n" in r.stdout  # not "1 more pages"
 
 
 # ------------------------------------------------------------------------------------------- precision auto

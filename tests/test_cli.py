@@ -178,6 +178,7 @@ def _one_error_line(r, message: str) -> None:
     [
         ("missing", "The data folder {tmp}/nowhere does not exist; pass a folder of class sub-folders."),
         ("one-class", "a classifier needs at least 2 classes."),
+        ("data-is-a-file", "The data folder {tmp}/a.png is a file, not a folder; pass a folder of class sub-folders."),
         ("unknown-model", "Unknown model 'resnet'; choose from: baseline-cnn, regularized-cnn"),
         ("bad-checkpoint", "is not a ferlab checkpoint or is corrupted"),
         ("bad-config", "Unknown config key 'train.epochs'; expected one of: max_epochs,"),
@@ -187,6 +188,7 @@ def _one_error_line(r, message: str) -> None:
             "explain-onnx",
             "Grad-CAM needs the PyTorch model and {tmp}/f.onnx is an ONNX file; explain it with --explain",
         ),
+        ("video-option-on-images", "--every, --smooth: for videos only, and none of the inputs is a video."),
         ("serve-busy-port", "Cannot listen on 127.0.0.1:{port}: address already in use."),
         ("serve-pending", "--max-bytes and --max-pending must be positive and --port between 1 and 65535."),
     ],
@@ -195,6 +197,9 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     out = tmp_path / "out"
     if case == "missing":
         r = run_cli("run", str(tmp_path / "nowhere"), "--out", str(out))
+    elif case == "data-is-a-file":
+        (tmp_path / "a.png").write_bytes(b"")
+        r = run_cli("run", str(tmp_path / "a.png"), "--out", str(out))
     elif case == "one-class":
         r = run_cli("run", str(make_tree(tmp_path / "d", classes=("only",), per_class=4)), "--out", str(out))
     elif case == "unknown-model":
@@ -210,6 +215,9 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
         r = run_cli(
             "predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "gradcam", "--out", str(out)
         )
+    elif case == "video-option-on-images":  # was silently ignored
+        d = make_tree(tmp_path / "d", per_class=1)
+        r = run_cli("predict", str(d), "--every", "5", "--smooth", "0", "--out", str(out))
     elif case == "serve-busy-port":  # said at once, before the models load and before any "serving" line
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))

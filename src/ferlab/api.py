@@ -34,6 +34,8 @@ def to_pil(image: ImageLike, max_pixels: int, bgr: bool = False, where: str = "t
     if isinstance(image, (str, Path)):
         if not Path(image).exists():
             raise FerlabError(f"{where}: the file {image} does not exist.")
+        if Path(image).is_dir():
+            raise FerlabError(f"{where}: {image} is a folder; pass an image file (or a list of them).")
         try:
             return open_rgb(image, max_pixels)
         except BadImage as e:

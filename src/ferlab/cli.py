@@ -45,6 +45,11 @@ def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argp
     return p
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 input', '2 inputs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferlab", description="Train, compare and use facial-emotion classifiers.")
     parser.add_argument("--version", action="version", version=f"ferlab {__version__}")
@@ -91,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--every", type=int, help="videos: classify every Nth frame")
     pr.add_argument("--fps", type=float, help="videos: classify this many frames per second")
     pr.add_argument(
-        "--smooth", type=float, default=0.5, help="videos: smooth each face's probabilities over this many seconds"
+        "--smooth", type=float, help="videos: smooth each face's probabilities over this many seconds (default 0.5)"
     )
     pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
     rp = sub.add_parser("report", help="write report.html and report.md for a run folder")
@@ -287,22 +292,29 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             if used:
                 them = "it" if len(used) == 1 else "them"
                 raise FerlabError(f"{', '.join(used)}: for images only; leave {them} out for the video {videos[0]}.")
-            r = run_video(args.checkpoint or [], videos[0], out, args.every, args.fps, args.smooth, args.face_crop)
+            smooth = 0.5 if args.smooth is None else args.smooth
+            r = run_video(args.checkpoint or [], videos[0], out, args.every, args.fps, smooth, args.face_crop)
             for line in r.lines:
                 print(f"ferlab: {line}")
             return 0
+        video_only = (("--every", args.every), ("--fps", args.fps), ("--smooth", args.smooth))
+        used = [f for f, v in video_only if v is not None]
+        if used:
+            raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
         p = run_predict(
             args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, args.explain
         )
         if p.skipped:
             print(
-                f"ferlab: warning: {len(p.skipped)} inputs skipped (reasons in {out / 'skipped_files.csv'})",
+                f"ferlab: warning: {plural(len(p.skipped), 'input')} skipped (reasons in {out / 'skipped_files.csv'})",
                 file=sys.stderr,
             )
         for line in summary_lines(p):
             print(f"ferlab: {line}")
-        grids = p.grids[0].name + (f" and {len(p.grids) - 1} more pages" if len(p.grids) > 1 else "")
-        print(f"ferlab: {len(p.rows)} predictions in {out / 'prediction_results.csv'} and {out / grids}")
+        more = len(p.grids) - 1
+        grids = p.grids[0].name + (f" and {plural(more, 'more page')}" if more else "")
+        done = sum(bool(r.preds) for r in p.rows)  # a row no model could predict says why in its own cells
+        print(f"ferlab: {plural(done, 'prediction')} in {out / 'prediction_results.csv'} and {out / grids}")
         return 0
     from ferlab.study import run_study
 

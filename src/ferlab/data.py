@@ -267,7 +267,8 @@ def _files(class_dir: Path) -> list[Path]:
 def scan(root: Path, drop: Sequence[str], what: str) -> list[Record]:
     """Records of a folder-per-class tree."""
     if not root.is_dir():
-        raise FerlabError(f"The {what} folder {root} does not exist; pass a folder of class sub-folders.")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FerlabError(f"The {what} folder {root} {state}; pass a folder of class sub-folders.")
     records = [Record(str(f), d.name) for d in _class_dirs(root, drop) for f in _files(d)]
     if not any(Path(r.file).suffix.lower() in IMAGE_SUFFIXES for r in records):
         raise FerlabError(
@@ -478,7 +479,8 @@ def load_data(
     by group again, from the other folds (``cfg.split``'s train:val proportion)."""
     root = Path(os.path.abspath(Path(cfg.data).expanduser()))
     if not root.is_dir():
-        raise FerlabError(f"The data folder {root} does not exist; pass a folder of class sub-folders.")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FerlabError(f"The data folder {root} {state}; pass a folder of class sub-folders.")
     pattern = None
     if cfg.group_by:
         try:

@@ -247,10 +247,14 @@ def run_video(
         ["track", "first_time", "last_time", "frames", "main_emotion", *(f"share_{c}" for c in classes)],
     )
     plot_timelines(out, classes)
+
+    def n(k: int, noun: str) -> str:
+        return f"{k} {noun}{'' if k == 1 else 's'}"
+
     lines = [
-        f"{classified} of {frame_no} frames classified ({classified / max(seconds, 1e-9):.1f} frames/s), {faces_total} "
-        f"faces in {len(summary)} tracks ({cuts} scene cut{'' if cuts == 1 else 's'}); {out / 'video_frames.csv'}, "
-        f"{out / 'video_summary.csv'}, {out / 'annotated.mp4'}"
+        f"{classified} of {n(frame_no, 'frame')} classified ({classified / max(seconds, 1e-9):.1f} frames/s), "
+        f"{n(faces_total, 'face')} in {n(len(summary), 'track')} ({n(cuts, 'scene cut')}); "
+        f"{out / 'video_frames.csv'}, {out / 'video_summary.csv'}, {out / 'annotated.mp4'}"
     ]
     read_frames = frame_no
     if decode_error or (expected and read_frames < expected - step):
