@@ -137,23 +137,20 @@ def test_predict_takes_correct_classes_from_a_labels_file(study, tmp_path):
     files = sorted((test / "circle").iterdir())[:2]
     flat = tmp_path / "flat"
     flat.mkdir()
-    for i, f in enumerate(files):  # a flat folder: no class in the path, so the labels file must tell
+    for i, f in enumerate([*files, files[0]]):  # a flat folder: no class in the path, so the labels file must tell
         (flat / f"img{i}.png").write_bytes(f.read_bytes())
     # as a spreadsheet saves it: a byte-order mark before the header
-    (tmp_path / "labels.csv").write_text("filename,label\nimg0.png,circle\nimg1.png,square\n", encoding="utf-8-sig")
-    r = run_cli(
-        "predict",
-        "--checkpoint",
-        str(run / "regularized-cnn" / "model.ckpt"),
-        str(flat),
-        "--labels",
-        str(tmp_path / "labels.csv"),
-        "--out",
-        str(tmp_path / "p"),
-    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,label\nimg0.png,circle\nimg1.png,square\nimg1.png,square\n", encoding="utf-8-sig")
+    ck = str(run / "regularized-cnn" / "model.ckpt")
+    r = run_cli("predict", "--checkpoint", ck, str(flat), "--labels", str(labels), "--out", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_csv(tmp_path / "p" / "prediction_results.csv")
-    assert [row["correct_class"] for row in rows] == ["circle", "square"]
+    assert [row["correct_class"] for row in rows] == ["circle", "square", ""]
+    assert f"warning: 1 of 3 inputs have no label in {labels} (matched by file name or path)" in r.stderr
+    labels.write_text("img0.png,circle\nimg0.png,square\n")  # a conflicting repeat is refused, not last-wins
+    r = run_cli("predict", "--checkpoint", ck, str(flat), "--labels", str(labels), "--out", str(tmp_path / "q"))
+    assert r.returncode == 2 and f"The labels file {labels} gives img0.png two labels, circle and square." in r.stderr
 
 
 @pytest.mark.slow

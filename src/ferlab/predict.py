@@ -71,7 +71,12 @@ def read_labels(path: str) -> dict[str, str]:
         rows = rows[1:]
     if not rows or any(len(r) < 2 for r in rows):
         raise FerlabError(f"The labels file {path} must have two columns, filename and label.")
-    return {r[0]: r[1] for r in rows}
+    out: dict[str, str] = {}
+    for name, label, *_ in rows:
+        if out.get(name, label) != label:
+            raise FerlabError(f"The labels file {path} gives {name} two labels, {out[name]} and {label}.")
+        out[name] = label
+    return out
 
 
 @dataclass
@@ -363,6 +368,15 @@ def run_predict(
                 )
         known = {f: canonical(v, models[0].classes) for f, v in known.items()}
     rows, skipped = predict(models, files, known, all_faces, face_crop, keep_crops=explain is not None)
+    if known is not None:
+        inputs = {r.file for r in rows}
+        unlabelled = len(inputs - {r.file for r in rows if r.true})
+        if unlabelled:
+            print(
+                f"ferlab: warning: {unlabelled} of {len(inputs)} inputs have no label in {labels} (matched by file "
+                "name or path); they are predicted but not scored",
+                file=sys.stderr,
+            )
     if not any(r.preds for r in rows):
         first = skipped[0] if skipped else {"file": "-", "reason": "no input"}
         raise FerlabError(
