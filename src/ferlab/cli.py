@@ -262,7 +262,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         for w in m["warnings"]:
             print(f"ferlab: warning: {w}", file=sys.stderr)
         print(
-            f"{m['model']}: accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
+            f"{m['name']} ({m['model']}): accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
             f"n={m['n']}; chance {m['chance']:.4f}, majority class ({m['majority_class']}) {m['majority']:.4f}), "
             f"macro-F1 {m['macro_f1']:.4f}, expected calibration error {m['ece']:.4f} "
             f"(uncalibrated {m['ece_uncalibrated']:.4f}); details in {out}"
