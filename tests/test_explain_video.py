@@ -96,6 +96,14 @@ def test_predict_explain_writes_heatmaps_and_a_grid(region_model, tmp_path):
     assert out == ["img0-2_regularized-cnn.png"] + [f"img{i}_regularized-cnn.png" for i in range(3)]
     grid = Image.open(tmp_path / "p" / "explanation_grid.png")
     assert grid.height >= 4 * 120
+    # a new prediction into the same folder replaces the pictures: none of the old explanations stay beside it
+    r = run_cli("predict", "--checkpoint", str(ck), str(tmp_path / "img1.png"), "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "prediction_grid.png",
+        "prediction_results.csv",
+        "skipped_files.csv",
+    ]
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10) -> None:

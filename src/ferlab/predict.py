@@ -383,17 +383,33 @@ def run_predict(
             f"None of the {len(files)} inputs could be predicted (first: {first['file']}: {first['reason']})."
         )
     out.mkdir(parents=True, exist_ok=True)
+    earlier = {f: f.stat().st_mtime_ns for pattern in OUTPUTS for f in out.glob(pattern)}  # a former run's pictures
     write_table(rows, models, out / "prediction_results.csv", all_faces)
     write_csv(out / "skipped_files.csv", skipped, ["file", "model", "reason"])
     grids = draw_grids(rows, models, out)
     if explain:
         grids += explain_rows(rows, models, out, explain)
+    remove_stale(out, earlier)
     accuracy = {}
     for m in models:
         labelled = [r for r in rows if r.true and m.label in r.preds]
         accuracy[m.label] = (sum(same_class(r.preds[m.label][0][0], r.true) for r in labelled), len(labelled))
     unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
     return Prediction(rows, skipped, models, grids, accuracy, unusual)
+
+
+OUTPUTS = ("prediction_grid*.png", "explanation_grid*.png", "explanations/*.png")  # what a predict writes
+
+
+def remove_stale(out: Path, earlier: dict[Path, int]) -> None:
+    """Once a prediction's files are all written, the grids and explanations an earlier prediction left in the
+    same folder (``earlier``: path -> modification time then) and this one did not rewrite are removed, so the
+    folder never mixes two predictions' pictures."""
+    for f, mtime in earlier.items():
+        if f.is_file() and f.stat().st_mtime_ns == mtime:
+            f.unlink()
+    if (out / "explanations").is_dir() and not any((out / "explanations").iterdir()):
+        (out / "explanations").rmdir()
 
 
 def same_class(a: str, b: str) -> bool:
