@@ -165,7 +165,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 def _flag(value: Any, name: str) -> bool:
     """A boolean option given as JSON true/false or as text (a query or form field)."""
-    text = str(value).lower()
+    text = "" if value is None else str(value).lower()  # JSON null: the default
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off", ""):
