@@ -155,6 +155,7 @@ def test_evaluate_maps_drops_says_baselines_and_warns_of_training_overlap(tiny_m
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "mapped classes: Circle -> circle, ring -> circle" in r.stderr and "dropped classes: hexagon" in r.stderr
+    assert f"{tiny_model} (regularized-cnn): accuracy " in r.stdout  # the model as the user named it
     assert "chance 0.3333, majority class (circle) 0.3846" in r.stdout  # 5 of 13
     assert "were among this model's own training images" in r.stderr  # these files trained it
     assert "warning: 1 of 14 files could not be read as images and were left out" in r.stderr

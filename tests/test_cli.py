@@ -148,8 +148,11 @@ def test_predict_takes_correct_classes_from_a_labels_file(study, tmp_path):
     rows = read_csv(tmp_path / "p" / "prediction_results.csv")
     assert [row["correct_class"] for row in rows] == ["circle", "square", ""]
     assert f"warning: 1 of 3 inputs have no label in {labels} (matched by file name or path)" in r.stderr
-    labels.write_text("img0.png,circle\nimg0.png,square\n")  # a conflicting repeat is refused, not last-wins
+    labels.write_text("img0.png,circle\nimg0.png,Circle\n")  # one class, spelt twice: fine
     r = run_cli("predict", "--checkpoint", ck, str(flat), "--labels", str(labels), "--out", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    labels.write_text("img0.png,circle\nimg0.png,square\n")  # a conflicting repeat is refused, not last-wins
+    r = run_cli("predict", "--checkpoint", ck, str(flat), "--labels", str(labels), "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and f"The labels file {labels} gives img0.png two labels, circle and square." in r.stderr
 
 
@@ -186,6 +189,10 @@ def _one_error_line(r, message: str) -> None:
             "Grad-CAM needs the PyTorch model and {tmp}/f.onnx is an ONNX file; explain it with --explain",
         ),
         ("video-option-on-images", "--every, --smooth: for videos only, and none of the inputs is a video."),
+        (
+            "export-data-alone",
+            "--data, --class-map and --drop-classes measure what --quantize int8 costs; give it too.",
+        ),
         ("serve-busy-port", "Cannot listen on 127.0.0.1:{port}: address already in use."),
         ("serve-pending", "--max-bytes and --max-pending must be positive and --port between 1 and 65535."),
     ],
@@ -215,6 +222,8 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     elif case == "video-option-on-images":  # was silently ignored
         d = make_tree(tmp_path / "d", per_class=1)
         r = run_cli("predict", str(d), "--every", "5", "--smooth", "0", "--out", str(out))
+    elif case == "export-data-alone":  # was silently ignored
+        r = run_cli("export", "fer2013", "--drop-classes", "contempt", "--out", str(out / "f.onnx"))
     elif case == "serve-busy-port":  # said at once, before the models load and before any "serving" line
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))

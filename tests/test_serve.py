@@ -63,7 +63,10 @@ def test_endpoints_answer(client):
     assert m["models"][0]["classes"] == ["circle", "square", "triangle"] and "card" in m["models"][0]
     leaks = [s for s in strings(m) if Path(s).is_absolute() or s.startswith(("~", ".."))]
     assert not leaks, leaks  # no server path: the summary's "data" once held the training folder's
-    assert m["models"][0]["face_crop"] == "auto for images over 80 px (trained on face crops), off for smaller ones"
+    assert m["models"][0]["face_crop"] == "off"  # the card's policy; in words:
+    assert (
+        m["models"][0]["face_crop_rule"] == "auto for images over 80 px (trained on face crops), off for smaller ones"
+    )
     page = client.get("/")
     assert page.status_code == 200 and "getUserMedia" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web font: works offline
@@ -244,6 +247,61 @@ def test_requests_over_the_pending_bound_are_refused_with_503_before_their_body_
     assert busy.json() == {"detail": "The server is busy (3 requests are ahead); try again shortly."}
     assert not read, "the refused request's body was read"
     assert after.status_code == 200  # the held requests' places are free again
+
+
+@pytest.mark.slow
+def test_a_stalled_upload_is_refused_with_408_and_frees_its_place(model_file, monkeypatch):
+    from ferlab import serve
+
+    monkeypatch.setattr(serve, "BODY_SECONDS", 0.3)
+    app = create_app(load_models([str(model_file)]), max_bytes=300_000, max_pending=1)
+    image = png(Image.new("RGB", (40, 40), (10, 200, 10)))
+
+    async def stalled():  # a client that sends part of its body, then nothing
+        yield image[:100]
+        await asyncio.sleep(2)
+        yield image[100:]
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ferlab") as c:
+            post = lambda body: c.post("/v1/predict", content=body, headers={"content-type": "image/png"})  # noqa: E731
+            return await post(stalled()), await post(image)
+
+    late, after = asyncio.run(main())
+    assert late.status_code == 408 and late.json() == {"detail": "The request body did not arrive within 0.3 s."}
+    assert after.status_code == 200  # the one place (max_pending=1) is free again
+
+
+@pytest.mark.slow
+def test_ferlab_serve_takes_its_port_first_and_stops_cleanly_on_ctrl_c(model_file):
+    """A second server on a taken port says so in one sentence at once; Ctrl-C stops the first with exit 0 and
+    nothing on stderr (uvicorn's own run swallowed it; the server's run with its own socket re-raises it)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = [sys.executable, "-m", "ferlab.cli", "serve", "--checkpoint", str(model_file), "--port", str(port)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 2 and "serving" not in second.stdout
+        assert f"ferlab: error: Cannot listen on 127.0.0.1:{port}: address already in use." in second.stderr
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # the first one is unharmed
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and err == "", err
+    assert out.startswith("ferlab: serving regularized-cnn on http://127.0.0.1:")
 
 
 def _serve_in_thread(model_file: Path, port: int):

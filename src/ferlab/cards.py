@@ -67,7 +67,8 @@ def summary(model: Model, paths: bool = True) -> dict[str, Any]:
         "classes": list(card["classes"]),
         "input": f"{pre.get('image_size')}x{pre.get('image_size')} uint8 RGB"
         + (" (grayscale replicated to 3 channels)" if pre.get("grayscale") else ""),
-        "face_crop": crop_rule(pre),
+        "face_crop": pre.get("face_crop"),
+        "face_crop_rule": crop_rule(pre),
         "training_images": pre.get("faces") or "unknown",
         "face_margin": pre.get("face_margin"),
         "face_detector": pre.get("detector", "haar"),

@@ -362,7 +362,7 @@ def evaluate_model(
         classes,
         out,
         Path(model.name).stem if Path(model.name).suffix else model.name,
-        name=Path(model.name).stem if Path(model.name).suffix else model.name,  # what the user called it
+        name=str(checkpoint),  # as the user gave it: a shipped model's name or the file's path
         model=model.card["model"],
         checkpoint=str(checkpoint),
         runtime=model.runtime.kind,

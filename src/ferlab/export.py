@@ -157,6 +157,8 @@ def export_onnx(
         raise FerlabError(f"{checkpoint} is already an ONNX model; export takes a .ckpt or a shipped model's name.")
     if quantize and not data:
         raise FerlabError("--quantize int8 needs --data DIR, a labelled folder on which to measure what int8 costs.")
+    if not quantize and (data or class_map or drop_classes):
+        raise FerlabError("--data, --class-map and --drop-classes measure what --quantize int8 costs; give it too.")
     src = Path(model.name)
     target = Path(out) if out else (src.with_suffix(".onnx") if src.exists() else Path(f"{model.name}.onnx"))
     blob = _onnx_bytes(model)
@@ -211,14 +213,14 @@ def _quantize(
     target: Path,
     max_drop: float,
     class_map: str | None,
-    drop: list[str] | None,
+    drop_classes: list[str] | None,
 ) -> tuple[Path, tuple]:
     """Dynamic int8 quantization of weights, kept only if it costs at most ``max_drop`` points."""
     int8_path = fp32_path.with_name("model-int8.onnx")
     quantize_int8(fp32_path, int8_path)
     int8 = _as_model(int8_path, str(target))
     acc32, n = fp32_accuracy
-    acc8, _ = accuracy_on(int8, data, class_map, drop)
+    acc8, _ = accuracy_on(int8, data, class_map, drop_classes)
     drop = 100 * (acc32 - acc8)
     print(
         f"ferlab: int8 on {data} (n={n}): accuracy {acc8:.4f} against fp32 {acc32:.4f} ({-drop:+.2f} points)",

@@ -71,9 +71,13 @@ def read_labels(path: str) -> dict[str, str]:
         rows = rows[1:]
     if not rows or any(len(r) < 2 for r in rows):
         raise FerlabError(f"The labels file {path} must have two columns, filename and label.")
+
+    def key(label: str) -> str:
+        return SYNONYMS.get(label.lower(), label.lower())
+
     out: dict[str, str] = {}
     for name, label, *_ in rows:
-        if out.get(name, label) != label:
+        if name in out and key(out[name]) != key(label):  # "anger" and "angry" are one class
             raise FerlabError(f"The labels file {path} gives {name} two labels, {out[name]} and {label}.")
         out[name] = label
     return out
@@ -383,13 +387,16 @@ def run_predict(
             f"None of the {len(files)} inputs could be predicted (first: {first['file']}: {first['reason']})."
         )
     out.mkdir(parents=True, exist_ok=True)
-    earlier = {f: f.stat().st_mtime_ns for pattern in OUTPUTS for f in out.glob(pattern)}  # a former run's pictures
+    earlier = {f for pattern in OUTPUTS for f in out.glob(pattern)}  # a former prediction's pictures, if any
     write_table(rows, models, out / "prediction_results.csv", all_faces)
     write_csv(out / "skipped_files.csv", skipped, ["file", "model", "reason"])
     grids = draw_grids(rows, models, out)
+    written = set(grids)
     if explain:
-        grids += explain_rows(rows, models, out, explain)
-    remove_stale(out, earlier)
+        pages, files = explain_rows(rows, models, out, explain)
+        grids += pages
+        written |= {*pages, *files}
+    remove_stale(out, earlier - written)
     accuracy = {}
     for m in models:
         labelled = [r for r in rows if r.true and m.label in r.preds]
@@ -401,13 +408,15 @@ def run_predict(
 OUTPUTS = ("prediction_grid*.png", "explanation_grid*.png", "explanations/*.png")  # what a predict writes
 
 
-def remove_stale(out: Path, earlier: dict[Path, int]) -> None:
+def remove_stale(out: Path, stale: set[Path]) -> None:
     """Once a prediction's files are all written, the grids and explanations an earlier prediction left in the
-    same folder (``earlier``: path -> modification time then) and this one did not rewrite are removed, so the
-    folder never mixes two predictions' pictures."""
-    for f, mtime in earlier.items():
-        if f.is_file() and f.stat().st_mtime_ns == mtime:
-            f.unlink()
+    same folder and this one did not write again (``stale``) are removed, so the folder never mixes two
+    predictions' pictures."""
+    for f in stale:
+        f.unlink(missing_ok=True)
+    folder = out / "explanations"
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
     if (out / "explanations").is_dir() and not any((out / "explanations").iterdir()):
         (out / "explanations").rmdir()
 
@@ -423,9 +432,9 @@ def canonical(label: str, classes: list[str]) -> str:
     return next((c for c in classes if SYNONYMS.get(c.lower(), c.lower()) == key), label)
 
 
-def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -> list[Path]:
+def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -> tuple[list[Path], list[Path]]:
     """explanations/<image>[_face<k>]_<model>.png (the crop beside its heatmap for the predicted class) and
-    explanation_grid.png pages (every row: the crop, then each model's heatmap)."""
+    explanation_grid.png pages (every row: the crop, then each model's heatmap): (the pages, the files)."""
     from ferlab.explain import heatmaps, overlay
 
     folder = out / "explanations"
@@ -440,6 +449,7 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
         stems[f] = stem
         used.add(stem)
     maps: dict[tuple[int, str], np.ndarray] = {}
+    files: list[Path] = []
     for m in models:
         todo = [(i, r) for i, r in enumerate(rows) if m.label in r.crops]
         for k in range(0, len(todo), 32):
@@ -450,7 +460,8 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
                 side = np.concatenate([r.crops[m.label], maps[(i, m.label)]], axis=1)
                 stem = stems[r.file] + (f"_face{r.face + 1}" if r.face else "")
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.label)
-                Image.fromarray(side).resize((side.shape[1] * 2, side.shape[0] * 2)).save(folder / f"{stem}_{safe}.png")
+                files.append(folder / f"{stem}_{safe}.png")
+                Image.fromarray(side).resize((side.shape[1] * 2, side.shape[0] * 2)).save(files[-1])
     pages = []
     cell = 120
     for k in range(0, len(rows), GRID_PANELS):
@@ -483,7 +494,7 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
         sheet.save(tmp)
         tmp.replace(path)
         pages.append(path)
-    return pages
+    return pages, files
 
 
 def summary_lines(p: Prediction) -> list[str]:

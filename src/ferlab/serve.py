@@ -36,10 +36,11 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ferlab.cards import public, summary
 from ferlab.data import WEB_FORMATS, BadImage, Decoded, NoFace, crop_policy, decode_image
@@ -52,6 +53,7 @@ MAX_IMAGES = 16  # images in one request
 MAX_FIELDS = 16  # other fields of a multipart form
 IN_FLIGHT = 16  # requests being decoded, detected or classified at once (see create_app)
 MAX_PENDING = 128  # requests held at once (receiving, waiting or in the works); more are refused with 503
+BODY_SECONDS = 60.0  # a request body must have arrived within this (10 MB at 1.4 Mbit/s)
 
 
 def cores() -> int:
@@ -150,16 +152,21 @@ def _base64(text: Any, name: str) -> Upload:
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes, before it is all received."""
+    """The request body, refused (413) as soon as it passes ``limit`` bytes, before it is all received, and
+    (408) when it has not all arrived within ``BODY_SECONDS``: a stalled upload must not hold its place."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"The request body is {int(declared):,} bytes, over the limit of {limit:,}.")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, f"The request body is over the limit of {limit:,} bytes.")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Refused(413, f"The request body is over the limit of {limit:,} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Refused(408, f"The request body did not arrive within {BODY_SECONDS:g} s.") from None
     return b"".join(chunks)
 
 
@@ -305,11 +312,16 @@ def create_app(
         """Each face's box, label and probabilities for one image (or several: ``results``)."""
         if pending[0] >= max_pending:  # refused before its body is read: held bodies stay under a bound
             raise Refused(
-                503, f"The server is busy ({max_pending} requests are ahead); try again shortly.", {"Retry-After": "1"}
+                503,
+                f"The server is busy ({max_pending} request{' is' if max_pending == 1 else 's are'} ahead); "
+                "try again shortly.",
+                {"Retry-After": "1"},
             )
         pending[0] += 1
         try:
             return await answer(request)
+        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log
+            return Response(status_code=499)
         finally:
             pending[0] -= 1
 
@@ -377,6 +389,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # listening now: another server's bind to this port fails at once (bound alone, it would not)
     except OSError as e:
         sock.close()
         raise FerlabError(f"Cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}.") from None
@@ -388,6 +401,12 @@ def serve(models: list[Model], sock: socket.socket, max_bytes: int, max_pending:
 
     app = create_app(models, max_bytes, max_pending=max_pending)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5)
+    # a stop (Ctrl-C, SIGTERM) waits at most 5 s for requests still in the works
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5)
     print(f"ferlab: serving {', '.join(m.label for m in models)} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: no error
+        pass
+    finally:
+        sock.close()
