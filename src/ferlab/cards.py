@@ -24,7 +24,7 @@ FER2013_LICENSE = (
 def public(card: dict, paths: bool = True) -> dict[str, Any]:
     """The card without tensors (digests, face-space components) and internal objects: what people and JSON
     consumers see. Non-finite numbers become None (JSON has none); ``paths=False`` (a server) keeps only the
-    last component of the training data's path."""
+    last component of any path in it."""
 
     def clean(v: Any) -> Any:
         if isinstance(v, dict):
@@ -60,6 +60,7 @@ def summary(model: Model, paths: bool = True) -> dict[str, Any]:
     card = model.card
     pre = card.get("preprocess", {})
     training = card.get("training", {})
+    data = card.get("data", {}).get("description")
     return {
         "name": model.label,
         "model": card.get("model"),
@@ -73,7 +74,7 @@ def summary(model: Model, paths: bool = True) -> dict[str, Any]:
         "face_margin": pre.get("face_margin"),
         "face_detector": pre.get("detector", "haar"),
         "test_time_augmentation": bool(card.get("model_args", {}).get("tta")),
-        "data": card.get("data", {}).get("description") if paths else _no_path(card.get("data", {}).get("description")),
+        "data": data if paths else _no_path(data),
         "split": card.get("data", {}).get("split_method"),
         "val_acc": training.get("val_acc"),
         "test_metrics": card.get("test_metrics"),

@@ -20,6 +20,7 @@ from pathlib import Path
 from ferlab import __version__
 from ferlab.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
 from ferlab.errors import FerlabError
+from ferlab.files import plural
 
 
 def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -43,11 +44,6 @@ def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argp
         "last written epoch (other flags, if given, must match the run's settings)",
     )
     return p
-
-
-def plural(n: int, noun: str) -> str:
-    """'1 input', '2 inputs'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def build_parser() -> argparse.ArgumentParser:

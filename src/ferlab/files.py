@@ -104,3 +104,8 @@ def remove_empty_created() -> None:
     for path in reversed(CREATED):
         with contextlib.suppress(OSError):  # rmdir only removes an empty folder: nothing written is lost
             path.rmdir()
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 input', '2 inputs': counts in messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

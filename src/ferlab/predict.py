@@ -417,8 +417,6 @@ def remove_stale(out: Path, stale: set[Path]) -> None:
     folder = out / "explanations"
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-    if (out / "explanations").is_dir() and not any((out / "explanations").iterdir()):
-        (out / "explanations").rmdir()
 
 
 def same_class(a: str, b: str) -> bool:

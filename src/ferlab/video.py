@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 from ferlab.data import NoFace  # noqa: E402
 from ferlab.errors import FerlabError  # noqa: E402
 from ferlab.faces import iou  # noqa: E402
-from ferlab.files import read_csv, write_csv  # noqa: E402
+from ferlab.files import plural, read_csv, write_csv  # noqa: E402
 from ferlab.inference import Model  # noqa: E402
 from ferlab.predict import load_models  # noqa: E402
 
@@ -247,13 +247,9 @@ def run_video(
         ["track", "first_time", "last_time", "frames", "main_emotion", *(f"share_{c}" for c in classes)],
     )
     plot_timelines(out, classes)
-
-    def n(k: int, noun: str) -> str:
-        return f"{k} {noun}{'' if k == 1 else 's'}"
-
     lines = [
-        f"{classified} of {n(frame_no, 'frame')} classified ({classified / max(seconds, 1e-9):.1f} frames/s), "
-        f"{n(faces_total, 'face')} in {n(len(summary), 'track')} ({n(cuts, 'scene cut')}); "
+        f"{classified} of {plural(frame_no, 'frame')} classified ({classified / max(seconds, 1e-9):.1f} frames/s), "
+        f"{plural(faces_total, 'face')} in {plural(len(summary), 'track')} ({plural(cuts, 'scene cut')}); "
         f"{out / 'video_frames.csv'}, {out / 'video_summary.csv'}, {out / 'annotated.mp4'}"
     ]
     read_frames = frame_no
