@@ -77,11 +77,11 @@ def train_flops_per_image(net: torch.nn.Module, size: int) -> float:
 
 def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
     """Runs inside a child process: everything measured for one model."""
-    from ferlab.config import DataConfig, TrainConfig
-    from ferlab.data import load_data
-    from ferlab.inference import run_batches
-    from ferlab.models import REGISTRY, create_model
-    from ferlab.train import fit_model
+    from ferlab.core.config import DataConfig, TrainConfig
+    from ferlab.data.datasets import load_data
+    from ferlab.inference.model import run_batches
+    from ferlab.models.registry import REGISTRY, create_model
+    from ferlab.training.fit import fit_model
 
     data = load_data(DataConfig(data=split))
     transfer = REGISTRY[name].transfer
@@ -171,7 +171,7 @@ def main() -> None:
         print(json.dumps(one_model(a.one, a.split, a.epochs, a.precision)))
         return
 
-    from ferlab.precision import fingerprint
+    from ferlab.training.precision import fingerprint
 
     env = {
         "machine": fingerprint(),

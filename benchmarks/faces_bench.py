@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenes import compose, face_files, score  # noqa: E402
 
-from ferlab import faces  # noqa: E402
+from ferlab.data import faces  # noqa: E402
 
 cv2.setNumThreads(1)
 

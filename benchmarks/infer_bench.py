@@ -30,11 +30,11 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from ferlab.checkpoint import save_checkpoint  # noqa: E402
-from ferlab.data import Preprocess  # noqa: E402
-from ferlab.export import export_onnx, quantize_int8  # noqa: E402
-from ferlab.inference import load_model  # noqa: E402
-from ferlab.models import REGISTRY, create_model  # noqa: E402
+from ferlab.apps.export import export_onnx, quantize_int8  # noqa: E402
+from ferlab.data.images import Preprocess  # noqa: E402
+from ferlab.inference.model import load_model  # noqa: E402
+from ferlab.models.checkpoint import save_checkpoint  # noqa: E402
+from ferlab.models.registry import REGISTRY, create_model  # noqa: E402
 
 SIZES = {"vgg-small": 48, "vgg-medium": 48}
 
@@ -133,7 +133,7 @@ def bench_photo(name: str, tmp: Path, rounds: int) -> dict:
 def bench_video(name: str, tmp: Path) -> list[dict]:
     import cv2
 
-    from ferlab.video import run_video
+    from ferlab.apps.video import run_video
 
     face = np.asarray(Image.open(io.BytesIO(photo_bytes())).convert("RGB"))
     path = tmp / "one-face.mp4"

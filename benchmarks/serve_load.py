@@ -53,7 +53,7 @@ def free_port() -> int:
 
 
 def start_server(checkpoints: list[str], port: int, log: Path | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "ferlab.cli", "serve", "--port", str(port)]
+    args = [sys.executable, "-m", "ferlab", "serve", "--port", str(port)]
     for c in checkpoints:
         args += ["--checkpoint", c]
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the server's log stays open while it runs

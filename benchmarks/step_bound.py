@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from ferlab.inference import keep_freed_memory  # noqa: E402
-from ferlab.models import Body, create_model  # noqa: E402
+from ferlab.models.registry import Body, create_model  # noqa: E402
+from ferlab.training.memory import keep_freed_memory  # noqa: E402
 
 
 class _Free(torch.autograd.Function):

@@ -69,7 +69,7 @@ def read_csv(path: Path) -> list[dict]:
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "ferlab.cli", *args],
+        [sys.executable, "-m", "ferlab", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -11,10 +11,13 @@ import torch
 from PIL import Image
 
 import ferlab
-from ferlab import inference, precision
-from ferlab.errors import FerlabError
-from ferlab.evaluate import expected_calibration_error, fit_temperature, map_classes
-from ferlab.predict import GRID_PANELS, natural_key
+from ferlab.apps.evaluate import map_classes
+from ferlab.apps.predict import GRID_PANELS, natural_key
+from ferlab.core.errors import FerlabError
+from ferlab.inference import model as inference
+from ferlab.reporting.metrics import expected_calibration_error
+from ferlab.training import precision
+from ferlab.training.calibration import fit_temperature
 
 from .conftest import make_tree, only_run, read_csv, run_cli, train_tiny
 
@@ -183,7 +186,7 @@ def test_predict_pages_the_grid_and_shows_truth_only_when_known(tiny_model, tmp_
     pages = sorted((tmp_path / "p").glob("prediction_grid*.png"))
     assert [p.name for p in pages] == ["prediction_grid.png", "prediction_grid_2.png"]  # 60 rows: 48 + 12
     assert GRID_PANELS == 48
-    from ferlab.predict import grid_size
+    from ferlab.apps.predict import grid_size
 
     assert Image.open(pages[0]).size == grid_size(48, 1, truth=False)  # no "true: ?" line without labels
     assert "prediction_grid.png and 1 more page\n" in r.stdout  # not "1 more pages"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ferlab.models import create_model
+from ferlab.models.registry import create_model
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 

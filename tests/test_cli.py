@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ferlab.config import StudyConfig, merge
-from ferlab.errors import FerlabError
+from ferlab.core.config import StudyConfig, merge
+from ferlab.core.errors import FerlabError
 
 from .conftest import FAST, make_tree, only_run, run_cli
 
@@ -255,7 +255,7 @@ def test_config_merge_is_strict_and_typed():
 
 def test_shipped_configs_load():
     """Every YAML in configs/ is valid against today's config tree (a renamed key would break it)."""
-    from ferlab.config import load_yaml
+    from ferlab.core.config import load_yaml
 
     root = Path(__file__).resolve().parents[1] / "configs"
     for f in sorted(root.glob("*.yaml")):
@@ -268,7 +268,7 @@ def test_every_command_prints_its_help(capsys):
     """Help is formatted with %: one unescaped "5%" in a config field's help made `ferlab run --help` crash."""
     import argparse
 
-    from ferlab.cli import build_parser
+    from ferlab.apps.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

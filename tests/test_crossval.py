@@ -8,11 +8,11 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from ferlab.config import DataConfig
-from ferlab.crossval import verdict
-from ferlab.data import assign_folds, load_data
-from ferlab.errors import FerlabError
-from ferlab.stats import holm, mcnemar_exact, mean_interval
+from ferlab.core.config import DataConfig
+from ferlab.core.errors import FerlabError
+from ferlab.core.stats import holm, mcnemar_exact, mean_interval
+from ferlab.data.datasets import assign_folds, load_data
+from ferlab.reporting.crossval import verdict
 
 from .conftest import make_tree, only_run, read_csv, run_cli
 

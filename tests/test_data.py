@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferlab.config import DataConfig
-from ferlab.data import Preprocess, assign_splits, decode, load_data
-from ferlab.errors import FerlabError
+from ferlab.core.config import DataConfig
+from ferlab.core.errors import FerlabError
+from ferlab.data.datasets import assign_splits, load_data
+from ferlab.data.images import Preprocess, decode
 
 from .conftest import make_tree, shape_image
 
@@ -181,7 +182,7 @@ def test_test_classes_must_be_training_classes(tmp_path):
 
 
 def test_manifest_csv_columns(tmp_path):
-    from ferlab.data import write_manifest
+    from ferlab.data.datasets import write_manifest
 
     data = load_data(DataConfig(data=str(make_tree(tmp_path / "m", per_class=10)), image_size=24))
     write_manifest(data, tmp_path / "manifest.csv")

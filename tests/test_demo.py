@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from ferlab import demo
+from ferlab.data import demo
 
 
 def digest(root) -> dict[str, str]:

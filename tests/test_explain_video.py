@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ferlab.explain import heatmaps, region_share
-from ferlab.inference import load_model
-from ferlab.video import is_video
+from ferlab.apps.video import is_video
+from ferlab.inference.explain import heatmaps, region_share
+from ferlab.inference.model import load_model
 
 from .conftest import CKPLUS, only_run, read_csv, requires_ckplus, run_cli
 
@@ -62,7 +62,7 @@ def test_gradcam_looks_at_the_deciding_region_and_changes_with_random_weights(re
     # loaded models are shared within a process)
     import copy
 
-    from ferlab.inference import Model, TorchRuntime
+    from ferlab.inference.model import Model, TorchRuntime
 
     randomised = copy.deepcopy(model.runtime.net)
     torch.manual_seed(1)

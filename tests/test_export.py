@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
-from ferlab.checkpoint import save_checkpoint
-from ferlab.data import Preprocess, decode_many, to_tensor
-from ferlab.export import export_onnx
-from ferlab.inference import load_model
-from ferlab.models import REGISTRY, create_model
+from ferlab.apps.export import export_onnx
+from ferlab.data.images import Preprocess, decode_many, to_tensor
+from ferlab.inference.model import load_model
+from ferlab.models.checkpoint import save_checkpoint
+from ferlab.models.registry import REGISTRY, create_model
 
 from .conftest import CKPLUS, read_csv, requires_ckplus, run_cli
 
@@ -63,7 +63,7 @@ def test_export_refuses_a_graph_that_disagrees(tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = create_model("regularized-cnn", 3, 32).eval()
     save_checkpoint(tmp_path / "m.ckpt", net, "regularized-cnn", ["a", "b", "c"], Preprocess(image_size=32))
-    from ferlab import export
+    from ferlab.apps import export
 
     monkeypatch.setattr(export, "parity", lambda *a: (0.3, 2))
     with pytest.raises(Exception, match="disagrees with the PyTorch model.*nothing was written"):

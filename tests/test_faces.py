@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferlab import faces
-from ferlab.data import Preprocess, decode, prepare
+from ferlab.data import faces
+from ferlab.data.images import Preprocess, decode, prepare
 
 from .conftest import CKPLUS, SHARED, read_csv, run_cli
 
@@ -110,7 +110,7 @@ def test_crop_policy_follows_what_training_saw():
     crops = Preprocess(image_size=48, faces="crops", source_side=48, detector="yunet")
     photo = Image.new("RGB", (640, 480), (120, 120, 120))
     small = Image.new("RGB", (48, 48), (120, 120, 120))
-    from ferlab.data import crop_policy
+    from ferlab.data.images import crop_policy
 
     assert crop_policy(crops, photo.size) == "auto" and crop_policy(crops, small.size) == "off"
     assert crop_policy(crops, photo.size, "off") == "off"

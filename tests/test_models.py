@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ferlab.errors import FerlabError
-from ferlab.models import REGISTRY, create_model
-from ferlab.summary import param_counts, summarize
+from ferlab.core.errors import FerlabError
+from ferlab.models.registry import REGISTRY, create_model
+from ferlab.models.summary import param_counts, summarize
 
 from .conftest import run_cli
 
@@ -120,7 +120,7 @@ def test_regularized_cnn_pools_before_relu_as_the_same_function():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dropout_keeps_the_right_share_and_scales(channels_last):
-    from ferlab.models import Dropout
+    from ferlab.models.registry import Dropout
 
     torch.manual_seed(0)
     x = torch.rand(16, 32, 40, 40) + 1  # no zeros of its own

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferlab.data import Preprocess, decode
-from ferlab.predict import GRID_PANELS
+from ferlab.apps.predict import GRID_PANELS
+from ferlab.data.images import Preprocess, decode
 
 from .conftest import CKPLUS, make_tree, requires_ckplus, run_cli, train_tiny
 from .test_data import bad_file_corpus

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ferlab
-from ferlab.config import StudyConfig, load_yaml, merge
-from ferlab.inference import PRETRAINED, load_model, pretrained_path
+from ferlab.core.config import StudyConfig, load_yaml, merge
+from ferlab.inference.model import PRETRAINED, load_model, pretrained_path
 
 from .conftest import CKPLUS, ROOT, read_csv, run_cli
 

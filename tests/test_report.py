@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferlab.report import SECTIONS
-from ferlab.stats import mcnemar_exact
+from ferlab.core.stats import mcnemar_exact
+from ferlab.reporting.report import SECTIONS
 
 from .conftest import ARTIFACTS, read_csv
 
@@ -84,7 +84,7 @@ def test_report_renders_every_section_and_image(study, tmp_path):
 def test_a_finished_run_s_report_does_not_call_it_unfinished(study, tmp_path):
     """The run writes its report before it marks itself finished; only a report written from outside the run
     (``ferlab report`` of a running or killed run) says it had not finished."""
-    from ferlab.report import status_note
+    from ferlab.reporting.report import status_note
 
     _, _, (run, _) = study
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

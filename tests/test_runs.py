@@ -15,8 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from ferlab.config import DataConfig
-from ferlab.data import Preprocess, decode, decode_many, load_data
+from ferlab.core.config import DataConfig
+from ferlab.data.datasets import load_data
+from ferlab.data.images import Preprocess, decode, decode_many
 
 from .conftest import CKPLUS, SHARED, make_tree, only_run, read_csv, run_cli
 
@@ -63,7 +64,7 @@ def test_labels_naming_a_class_the_model_lacks_is_refused(tmp_path):
 
 def _run(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ferlab.cli", *args],
+        [sys.executable, "-m", "ferlab", *args],
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -159,7 +160,7 @@ def test_face_detection_is_deterministic_across_threads(tmp_path):
     pre = Preprocess(image_size=48, face_crop="auto", detector="yunet")
     runs = []
     for _ in range(3):
-        from ferlab import data as data_module
+        from ferlab.data import images as data_module
 
         data_module._FACES.clear()
         decoded, _ = decode_many(paths * 3, pre)  # eight threads on the same files at once
@@ -202,9 +203,9 @@ def test_a_fit_resumed_after_a_crash_stops_early_where_the_uninterrupted_fit_doe
     from any written epoch stops at the same epoch, with the same best weights, as one never interrupted."""
     import torch
 
-    from ferlab import train
-    from ferlab.config import StudyConfig, merge
-    from ferlab.models import create_model
+    from ferlab.core.config import StudyConfig, merge
+    from ferlab.models.registry import create_model
+    from ferlab.training import fit as train
 
     cfg = merge(
         StudyConfig(),

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferlab.predict import load_models
-from ferlab.serve import create_app
+from ferlab.apps.serve import create_app
+from ferlab.inference.model import load_models
 
 from .conftest import read_csv, run_cli
 
@@ -174,7 +174,7 @@ def test_no_face_is_a_note_not_an_error(client):
 def test_requests_in_the_works_are_bounded(model_file, monkeypatch):
     """At most IN_FLIGHT requests between decoding and their classified faces, at most one decoding per core;
     without the first bound, requests kept decoding while a slow batch ran and 12 were in the works at once."""
-    from ferlab import serve
+    from ferlab.apps import serve
 
     base = load_models([str(model_file)])[0]
     lock, now, most = threading.Lock(), {"works": 0, "decoding": 0}, {"works": 0, "decoding": 0}
@@ -251,7 +251,7 @@ def test_requests_over_the_pending_bound_are_refused_with_503_before_their_body_
 
 @pytest.mark.slow
 def test_a_stalled_upload_is_refused_with_408_and_frees_its_place(model_file, monkeypatch):
-    from ferlab import serve
+    from ferlab.apps import serve
 
     monkeypatch.setattr(serve, "BODY_SECONDS", 0.3)
     app = create_app(load_models([str(model_file)]), max_bytes=300_000, max_pending=1)
@@ -283,7 +283,7 @@ def test_ferlab_serve_takes_its_port_first_and_stops_cleanly_on_ctrl_c(model_fil
 
     port = _free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    args = [sys.executable, "-m", "ferlab.cli", "serve", "--checkpoint", str(model_file), "--port", str(port)]
+    args = [sys.executable, "-m", "ferlab", "serve", "--checkpoint", str(model_file), "--port", str(port)]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for _ in range(600):

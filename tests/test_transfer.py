@@ -9,13 +9,13 @@ import pytest
 import torch
 import torchvision
 
-from ferlab import cli
-from ferlab.config import DataConfig, TrainConfig
-from ferlab.data import load_data
-from ferlab.errors import FerlabError
-from ferlab.inference import run_batches
-from ferlab.models import create_model
-from ferlab.train import fit_model
+from ferlab.apps import cli
+from ferlab.core.config import DataConfig, TrainConfig
+from ferlab.core.errors import FerlabError
+from ferlab.data.datasets import load_data
+from ferlab.inference.model import run_batches
+from ferlab.models.registry import create_model
+from ferlab.training.fit import fit_model
 
 from .conftest import make_tree
 
@@ -173,9 +173,9 @@ def test_fine_tuning_unfreezes_only_the_last_layers(tiny_data, layers, trained):
 
 
 def test_backbone_size_travels_in_the_checkpoint(tmp_path):
-    from ferlab.checkpoint import load_checkpoint, save_checkpoint
-    from ferlab.data import Preprocess
-    from ferlab.summary import summarize
+    from ferlab.data.images import Preprocess
+    from ferlab.models.checkpoint import load_checkpoint, save_checkpoint
+    from ferlab.models.summary import summarize
 
     torch.manual_seed(0)
     net = create_model("mobilenetv2-transfer", 3, 32, weights="none", backbone_size=64).eval()
@@ -189,7 +189,7 @@ def test_backbone_size_travels_in_the_checkpoint(tmp_path):
 
 def test_inference_batches_shrink_with_the_backbone_input():
     """CPU inference passes: 12 images of a 224x224 backbone (faster per image than 64 there), 64 otherwise."""
-    from ferlab.inference import inference_batch as _inference_batch
+    from ferlab.inference.model import inference_batch as _inference_batch
 
     cpu, x = torch.device("cpu"), torch.zeros(2, 3, 100, 100, dtype=torch.uint8)
     vgg = create_model("vgg16-transfer", 6, 100, "none", 224)

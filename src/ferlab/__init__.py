@@ -4,14 +4,13 @@
 >>> ferlab.analyze("photo.jpg")          # the shipped fer2013 model; see ferlab.api   # doctest: +SKIP
 """
 
-from ferlab.errors import FerlabError
-
-__version__ = "0.2.0"
+from ferlab.core.errors import FerlabError
+from ferlab.core.version import __version__
 
 
 def __getattr__(name: str):  # the API's imports (torch) load on first use, not on ``import ferlab``
     if name == "analyze":
-        from ferlab.api import analyze
+        from ferlab.apps.api import analyze
 
         return analyze
     raise AttributeError(f"module 'ferlab' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from ferlab.cli import main
+from ferlab.apps.cli import main
 
 sys.exit(main())

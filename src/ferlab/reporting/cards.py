@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ferlab.inference import PRETRAINED, Model, load_model, shipped_models
-from ferlab.models import REGISTRY
+from ferlab.inference.model import PRETRAINED, Model, load_model, shipped_models
+from ferlab.models.registry import REGISTRY
 
 FER2013_LICENSE = (
     "trained on FER2013 (ICML 2013 challenge, Kaggle): research, non-commercial data; the weights inherit those terms"

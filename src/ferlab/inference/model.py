@@ -13,10 +13,8 @@ Nothing here imports Lightning or the training code.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,33 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ferlab import ood
-from ferlab.data import Decoded, Preprocess, prepare, to_tensor
-from ferlab.errors import FerlabError
+from ferlab.core.errors import FerlabError
+from ferlab.data.images import Decoded, Preprocess, prepare, to_tensor
+from ferlab.inference import ood
 
 PRETRAINED = {"fer2013": "fer2013.ckpt"}  # shipped model name -> file in ferlab/pretrained/
-
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep large freed blocks for reuse instead of handing them back to the OS.
-
-    A CPU training step frees and reallocates the same large buffers every time (activations, and the 300 MB
-    gradient of baseline-cnn's dense layer). By default glibc serves such blocks with mmap and unmaps them
-    on free, so every step pays page faults on fresh memory; with this, a baseline-cnn step went from 0.69 s
-    to 0.37 s on a 2-core CPU. No-op where glibc is absent.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of trimming
-    except (OSError, AttributeError):
-        pass
-    _ALLOCATOR_TUNED = True
 
 
 # ------------------------------------------------------------------------------------------ batched forward
@@ -63,7 +39,7 @@ def inference_batch(module: torch.nn.Module, x: torch.Tensor, device: torch.devi
     """64 images a pass at 100x100 px; on a CPU proportionally fewer for a larger backbone input: on 2 cores,
     VGG16 at 224x224 ran 1.2x faster per image in batches of 8-16 than of 64 (MobileNetV2 likewise), while
     the CNNs at 100x100 run as fast or faster in 64s."""
-    from ferlab.models import Normalize
+    from ferlab.models.registry import Normalize
 
     if device.type != "cpu":
         return 64
@@ -247,11 +223,11 @@ def _is_onnx(path: Path) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _load(path: str, mtime_ns: int, size: int) -> Model:
-    from ferlab.checkpoint import load_checkpoint
+    from ferlab.models.checkpoint import load_checkpoint
 
     p = Path(path)
     if _is_onnx(p):
-        from ferlab.onnx_runtime import load_onnx
+        from ferlab.inference.onnx_runtime import load_onnx
 
         session, card = load_onnx(p)
         return Model(path, OnnxRuntime(session), card)
@@ -277,6 +253,41 @@ def default_model_name() -> str:
     if not shipped:
         raise FerlabError("This install holds no shipped model; pass --checkpoint with a model.ckpt or .onnx file.")
     return shipped[0]
+
+
+def checkpoint_files(items: list[str]) -> list[str]:
+    """``--checkpoint`` values with run folders expanded to their models' checkpoints."""
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and not (p / "config.yaml").is_file() and pretrained_path(item) is not None:
+            out.append(item)  # a folder named like a shipped model, not a run folder: the shipped model
+        elif p.is_dir():
+            found = sorted(str(c) for c in p.glob("*/model.ckpt"))
+            if not found:
+                raise FerlabError(f"The folder {item} holds no model.ckpt; pass a ferlab run folder or a model file.")
+            out += found
+        else:
+            out.append(item)
+    return out
+
+
+def load_models(checkpoints: list[str]) -> list[Model]:
+    """Models labelled by their card's name; two of one architecture by their run folder too."""
+    models = [load_model(c) for c in checkpoint_files(checkpoints or [default_model_name()])]
+    names = [m.card.get("model", "?") if Path(m.name).exists() else m.name for m in models]
+    labels = []
+    for m, name in zip(models, names):
+        label = name
+        if names.count(name) > 1 and Path(m.name).exists():
+            p = Path(m.name)
+            label = f"{name}@{p.parent.parent.name if p.name == 'model.ckpt' else p.stem}"
+        while label in labels:  # the same file twice
+            label += "'"
+        labels.append(label)
+    for m, label in zip(models, labels):
+        m.label = label
+    return models
 
 
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ferlab.errors import FerlabError
+from ferlab.core.errors import FerlabError
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ferlab.errors import FerlabError
-from ferlab.files import write_bytes
-from ferlab.inference import Model, OnnxRuntime, TorchRuntime, load_model
-from ferlab.onnx_runtime import ARRAYS_KEY, CARD_KEY, load_onnx, pack_arrays
+from ferlab.core.errors import FerlabError
+from ferlab.core.files import write_bytes
+from ferlab.inference.model import Model, OnnxRuntime, TorchRuntime, load_model
+from ferlab.inference.onnx_runtime import ARRAYS_KEY, CARD_KEY, load_onnx, pack_arrays
 
 OPSET = 17
 TOLERANCE = 1e-4  # largest allowed difference of any probability between PyTorch and ONNX Runtime
@@ -131,7 +131,7 @@ def accuracy_on(
     model: Model, folder: str, class_map: str | None = None, drop: list[str] | None = None
 ) -> tuple[float, int]:
     """Accuracy of a model on a folder-per-class tree, decoded and mapped as ``ferlab evaluate`` does; its size."""
-    from ferlab.evaluate import labelled
+    from ferlab.apps.evaluate import labelled
 
     x, y, *_ = labelled(model, folder, class_map, drop)
     return float((model.probabilities(x).argmax(1) == y).float().mean()), len(y)

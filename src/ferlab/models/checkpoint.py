@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ferlab import __version__
-from ferlab.data import Preprocess
-from ferlab.errors import FerlabError
-from ferlab.models import REGISTRY, Net, create_model
+from ferlab.core.errors import FerlabError
+from ferlab.core.version import __version__
+from ferlab.data.images import Preprocess
+from ferlab.models.registry import REGISTRY, Net, create_model
 
 FORMAT = "ferlab-checkpoint"
 VERSION = 1

@@ -30,11 +30,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from ferlab.config import TrainConfig
-from ferlab.data import Data
-from ferlab.inference import keep_freed_memory, run_batches
-from ferlab.models import REGISTRY, Net
-from ferlab.precision import choose
+from ferlab.core.config import TrainConfig
+from ferlab.data.datasets import Data
+from ferlab.inference.model import run_batches
+from ferlab.models.registry import REGISTRY, Net
+from ferlab.training.memory import keep_freed_memory
+from ferlab.training.precision import choose
 
 for _name in (
     "lightning.pytorch.utilities.rank_zero",

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ferlab.data import Preprocess
-from ferlab.errors import FerlabError
+from ferlab.core.errors import FerlabError
+from ferlab.data.images import Preprocess
 
 CARD_KEY, ARRAYS_KEY = "ferlab_card", "ferlab_arrays"
 

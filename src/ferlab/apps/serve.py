@@ -42,10 +42,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ferlab.cards import public, summary
-from ferlab.data import WEB_FORMATS, BadImage, Decoded, NoFace, crop_policy, decode_image
-from ferlab.errors import FerlabError
-from ferlab.inference import Face, Model
+from ferlab.core.errors import FerlabError
+from ferlab.data.images import WEB_FORMATS, BadImage, Decoded, NoFace, crop_policy, decode_image
+from ferlab.inference.model import Face, Model
+from ferlab.reporting.cards import public, summary
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -262,7 +262,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return (resources.files("ferlab") / "web" / "index.html").read_text()
+        return (resources.files("ferlab.apps") / "web" / "index.html").read_text()
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -32,12 +32,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ferlab.data import NoFace  # noqa: E402
-from ferlab.errors import FerlabError  # noqa: E402
-from ferlab.faces import iou  # noqa: E402
-from ferlab.files import plural, read_csv, write_csv  # noqa: E402
-from ferlab.inference import Model  # noqa: E402
-from ferlab.predict import load_models  # noqa: E402
+from ferlab.core.errors import FerlabError  # noqa: E402
+from ferlab.core.files import plural, read_csv, write_csv  # noqa: E402
+from ferlab.data.faces import iou  # noqa: E402
+from ferlab.data.images import NoFace  # noqa: E402
+from ferlab.inference.model import (
+    Model,  # noqa: E402
+    load_models,  # noqa: E402
+)
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".wmv"}
 TRACK_IOU = 0.3  # a face continues a track when its box overlaps the track's last box this much
@@ -280,7 +282,7 @@ def plot_timelines(out: Path, classes: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ferlab.files import save_figure
+    from ferlab.core.files import save_figure
 
     by_track: dict[str, list[dict]] = {}
     for row in read_csv(out / "video_frames.csv"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ferlab.models import Net
+from ferlab.models.registry import Net
 
 _QUIET = (nn.ReLU, nn.ReLU6, nn.Identity)  # activations are folded into the layer before, as Keras does
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ferlab.errors import FerlabError
+from ferlab.core.errors import FerlabError
 
 if TYPE_CHECKING:  # torchvision is imported where a transfer model is built: it costs seconds to import
     import torchvision

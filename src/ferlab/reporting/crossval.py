@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ferlab.config import StudyConfig
-from ferlab.files import read_csv, write_csv
-from ferlab.stats import holm, mcnemar_exact, mean_interval, wilson
+from ferlab.core.config import StudyConfig
+from ferlab.core.files import read_csv, write_csv
+from ferlab.core.stats import holm, mcnemar_exact, mean_interval, wilson
 
 ALPHA = 0.05
 SUMMARY_COLUMNS = [
@@ -160,7 +160,7 @@ def summarize_runs(run_dir: Path, cfg: StudyConfig, results: dict[tuple[int | No
             indent=1,
         )
     )
-    from ferlab.report import build_cv_report
+    from ferlab.reporting.report import build_cv_report
 
     build_cv_report(run_dir, own=True)  # the run writes its report as it ends
 

@@ -26,10 +26,10 @@ import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from ferlab.data import BadImage, Preprocess, decode  # noqa: E402
-from ferlab.errors import FerlabError  # noqa: E402
-from ferlab.files import read_csv, save_figure  # noqa: E402
-from ferlab.stats import holm, mcnemar_exact  # noqa: E402
+from ferlab.core.errors import FerlabError  # noqa: E402
+from ferlab.core.files import read_csv, save_figure  # noqa: E402
+from ferlab.core.stats import holm, mcnemar_exact  # noqa: E402
+from ferlab.data.images import BadImage, Preprocess, decode  # noqa: E402
 
 SECTIONS = (
     "Findings",
@@ -208,9 +208,9 @@ def wrong_heatmaps(checkpoint: Path, wrong: list[dict], path: Path, side: int = 
     model cannot be loaded or explained (the gallery above still stands)."""
     if not wrong or not checkpoint.is_file():
         return False
-    from ferlab.errors import FerlabError as _Error
-    from ferlab.explain import heatmaps, overlay
-    from ferlab.inference import load_model
+    from ferlab.core.errors import FerlabError as _Error
+    from ferlab.inference.explain import heatmaps, overlay
+    from ferlab.inference.model import load_model
 
     try:
         model = load_model(checkpoint)
@@ -585,7 +585,7 @@ def plot_folds(per_fold: dict[str, list[float]], title: str, path: Path) -> None
 
 def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
     """The cross-validation run's report: the summary, the pairwise verdicts, per-fold dots, pooled confusions."""
-    from ferlab.evaluate import plot_confusion
+    from ferlab.reporting.metrics import plot_confusion
 
     run = Path(run_dir)
     summary = read_csv(run / "cv_summary.csv")

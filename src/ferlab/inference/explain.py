@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 
-from ferlab.errors import FerlabError
-from ferlab.inference import Model, TorchRuntime
-from ferlab.models import REGISTRY
+from ferlab.core.errors import FerlabError
+from ferlab.inference.model import Model, TorchRuntime
+from ferlab.models.registry import REGISTRY
 
 METHODS = ("gradcam", "occlusion")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from ferlab.errors import FerlabError
+from ferlab.core.errors import FerlabError
 
 # names datasets use for one emotion -> the name most datasets use (evaluate's class maps, --labels files)
 SYNONYMS = {

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ferlab.data import BadImage, NoFace, normalize_mode, open_rgb
-from ferlab.errors import FerlabError
-from ferlab.faces import POLICIES
-from ferlab.inference import Face, Model, default_model_name, load_model
+from ferlab.core.errors import FerlabError
+from ferlab.data.faces import POLICIES
+from ferlab.data.images import BadImage, NoFace, normalize_mode, open_rgb
+from ferlab.inference.model import Face, Model, default_model_name, load_model
 
 ImageLike = str | Path | Image.Image | np.ndarray
 

@@ -31,17 +31,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from ferlab import demo, ood
-from ferlab.checkpoint import save_checkpoint
-from ferlab.config import StudyConfig, merge, to_dict
-from ferlab.data import Data, load_data, write_manifest
-from ferlab.errors import FerlabError
-from ferlab.evaluate import calibration, digests, score_and_record
-from ferlab.files import read_csv, unique_dir, write_csv, write_text
-from ferlab.inference import Model, TorchRuntime, keep_freed_memory, run_batches
-from ferlab.models import REGISTRY, STUDY, Net, create_model
-from ferlab.summary import param_counts, summarize
-from ferlab.train import FitResult, fit_model, is_distributed, is_rank_zero
+from ferlab.core.config import StudyConfig, merge, to_dict
+from ferlab.core.errors import FerlabError
+from ferlab.core.files import read_csv, unique_dir, write_csv, write_text
+from ferlab.data import demo
+from ferlab.data.datasets import Data, load_data, write_manifest
+from ferlab.inference import ood
+from ferlab.inference.model import Model, TorchRuntime, run_batches
+from ferlab.models.checkpoint import save_checkpoint
+from ferlab.models.registry import REGISTRY, STUDY, Net, create_model
+from ferlab.models.summary import param_counts, summarize
+from ferlab.reporting.metrics import digests, score_and_record
+from ferlab.training.calibration import calibration
+from ferlab.training.fit import FitResult, fit_model, is_distributed, is_rank_zero
+from ferlab.training.memory import keep_freed_memory
 
 COMPARISON_COLUMNS = [
     "model",
@@ -307,7 +310,7 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         "test_metrics": {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")},
     }
     if "FER2013" in data.description.upper():
-        from ferlab.cards import FER2013_LICENSE
+        from ferlab.reporting.cards import FER2013_LICENSE
 
         card["license"] = FER2013_LICENSE
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
@@ -337,7 +340,7 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
 def predict_new_images(folder: str, done: list[Trained], run_dir: Path) -> None:
     """The study's last step: the best from-scratch model (by validation accuracy) and each transfer model
     predict new images."""
-    from ferlab.predict import run_predict
+    from ferlab.apps.predict import run_predict
 
     scratch = [t for t in done if not REGISTRY[t.name].transfer]
     chosen = [max(scratch, key=lambda t: t.fit.best_val_acc)] if scratch else []
@@ -406,7 +409,7 @@ def run_split(cfg: StudyConfig, data: Data, split_dir: Path, models: list[str], 
     }
     write_text(split_dir / "run.json", json.dumps(summary, indent=1))
     if done:
-        from ferlab.report import build_report
+        from ferlab.reporting.report import build_report
 
         build_report(split_dir, own=True)  # the run writes its report as it ends
     print(format_table(rows, COMPARISON_COLUMNS))
@@ -464,7 +467,7 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     cfg = dataclasses.replace(cfg, models=list(models))  # saved resolved, so the config re-runs exactly this
     check_config(cfg, models)
     if cfg.predict_dir:  # a typo here should not surface only after the training
-        from ferlab.predict import expand_inputs
+        from ferlab.apps.predict import expand_inputs
 
         expand_inputs([cfg.predict_dir])
     plan = units(cfg)
@@ -481,7 +484,7 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
             left_out.append({"model": name, "reason": str(e)})
             models.remove(name)
     if is_distributed(cfg.train) and is_rank_zero():  # every rank must train in the precision rank 0 chooses
-        from ferlab.precision import choose, share
+        from ferlab.training.precision import choose, share
 
         for name in models:
             size, batch = first.pre.image_size, cfg.train.batch_size
@@ -524,7 +527,7 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
             run_split(unit_cfg, data, where, models, left_out)
             results[(fold, seed)] = where
         if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
-            from ferlab.crossval import summarize_runs
+            from ferlab.reporting.crossval import summarize_runs
 
             summarize_runs(run_dir, cfg, results)
     except BaseException as e:

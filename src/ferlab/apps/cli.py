@@ -17,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ferlab import __version__
-from ferlab.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
-from ferlab.errors import FerlabError
-from ferlab.files import plural
+from ferlab.core.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
+from ferlab.core.errors import FerlabError
+from ferlab.core.files import plural
+from ferlab.core.version import __version__
 
 
 def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def new_output_dir(kind: str) -> str:
     """runs/<timestamp>-<kind>: a fresh folder, made now (removed again if the command fails before writing)."""
-    from ferlab.files import unique_dir
+    from ferlab.core.files import unique_dir
 
     return str(unique_dir(Path("runs"), kind))
 
@@ -194,21 +194,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _remove_empty_folders() -> None:
-    from ferlab.files import remove_empty_created
+    from ferlab.core.files import remove_empty_created
 
     remove_empty_created()
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "summary":
-        from ferlab.models import REGISTRY, create_model
-        from ferlab.summary import summarize
+        from ferlab.models.registry import REGISTRY, create_model
+        from ferlab.models.summary import summarize
 
         if args.model in REGISTRY:
             net = create_model(args.model, args.num_classes, args.image_size, "none", args.backbone_size)
             print(summarize(net, args.image_size, args.model))
             return 0
-        from ferlab.inference import TorchRuntime, load_model
+        from ferlab.inference.model import TorchRuntime, load_model
 
         model = load_model(args.model)
         if not isinstance(model.runtime, TorchRuntime):
@@ -216,7 +216,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(summarize(model.runtime.net, model.pre.image_size, model.card["model"]))
         return 0
     if args.command == "export":
-        from ferlab.export import export_onnx
+        from ferlab.apps.export import export_onnx
 
         r = export_onnx(
             args.checkpoint, args.out, args.quantize, args.data, args.max_drop, args.class_map, args.drop_classes
@@ -229,8 +229,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"ferlab: wrote {r.int8_path} (int8: accuracy {r.accuracy[1]:.4f} against fp32 {r.accuracy[0]:.4f})")
         return 0
     if args.command == "serve":
-        from ferlab.predict import load_models
-        from ferlab.serve import listen, serve
+        from ferlab.apps.serve import listen, serve
+        from ferlab.inference.model import load_models
 
         if args.max_bytes < 1 or args.max_pending < 1 or not 0 < args.port < 65536:
             raise FerlabError("--max-bytes and --max-pending must be positive and --port between 1 and 65535.")
@@ -238,18 +238,18 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         serve(load_models(args.checkpoint or []), sock, args.max_bytes, args.max_pending)
         return 0
     if args.command == "models":
-        from ferlab.cards import models_table
+        from ferlab.reporting.cards import models_table
 
         print(models_table())
         return 0
     if args.command == "info":
-        from ferlab.cards import describe
-        from ferlab.inference import load_model
+        from ferlab.inference.model import load_model
+        from ferlab.reporting.cards import describe
 
         print(describe(load_model(args.checkpoint)))
         return 0
     if args.command == "evaluate":
-        from ferlab.evaluate import evaluate_model
+        from ferlab.apps.evaluate import evaluate_model
 
         out = Path(args.out or new_output_dir("evaluate"))
         m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes)
@@ -265,16 +265,16 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         )
         return 0
     if args.command == "report":
-        from ferlab.report import build_report
+        from ferlab.reporting.report import build_report
 
         html_path, md_path = build_report(args.run_dir)
         print(f"ferlab: wrote {html_path} and {md_path}")
         return 0
     if args.command == "predict":
-        from ferlab.predict import run_predict, summary_lines
+        from ferlab.apps.predict import run_predict, summary_lines
 
         out = Path(args.out or new_output_dir("predict"))
-        from ferlab.video import is_video, run_video
+        from ferlab.apps.video import is_video, run_video
 
         videos = [i for i in args.inputs if is_video(i)]
         if videos:
@@ -312,7 +312,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         done = sum(bool(r.preds) for r in p.rows)  # a row no model could predict says why in its own cells
         print(f"ferlab: {plural(done, 'prediction')} in {out / 'prediction_results.csv'} and {out / grids}")
         return 0
-    from ferlab.study import run_study
+    from ferlab.apps.study import run_study
 
     given = overrides_from_args(args)
     if getattr(args, "config", None):
@@ -321,7 +321,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             loaded.pop("dataset", None)
         given = merge_dicts(loaded, given)
     if args.resume:
-        from ferlab.study import prepare_resume
+        from ferlab.apps.study import prepare_resume
 
         run_dir = Path(args.resume)
         cfg = prepare_resume(run_dir, StudyConfig(), given)

@@ -152,7 +152,7 @@ def choose(
             return Choice(**{**machine[key], "cached": True})
         except TypeError:  # an entry from another ferlab version, or edited by hand: measure again
             pass
-    from ferlab.models import create_model
+    from ferlab.models.registry import create_model
 
     torch.manual_seed(0)
     net = create_model(model, num_classes, image_size, "none", None)

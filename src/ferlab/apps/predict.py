@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ferlab.data import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
-from ferlab.errors import FerlabError
-from ferlab.faces import iou
-from ferlab.files import SYNONYMS, write_csv
-from ferlab.inference import Model, default_model_name, load_model, pretrained_path
-from ferlab.stats import wilson
+from ferlab.core.errors import FerlabError
+from ferlab.core.files import SYNONYMS, write_csv
+from ferlab.core.stats import wilson
+from ferlab.data.faces import iou
+from ferlab.data.images import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
+from ferlab.inference.model import Model, load_models
 
 GRID_PANELS = 48  # panels per grid page
 
@@ -93,41 +93,6 @@ class Row:
     unusual: dict[str, str] = field(default_factory=dict)  # model -> why the input is unlike its training data
     notes: dict[str, str] = field(default_factory=dict)  # model -> why it has no prediction
     crops: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # model -> what it saw (for --explain)
-
-
-def checkpoint_files(items: list[str]) -> list[str]:
-    """``--checkpoint`` values with run folders expanded to their models' checkpoints."""
-    out = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir() and not (p / "config.yaml").is_file() and pretrained_path(item) is not None:
-            out.append(item)  # a folder named like a shipped model, not a run folder: the shipped model
-        elif p.is_dir():
-            found = sorted(str(c) for c in p.glob("*/model.ckpt"))
-            if not found:
-                raise FerlabError(f"The folder {item} holds no model.ckpt; pass a ferlab run folder or a model file.")
-            out += found
-        else:
-            out.append(item)
-    return out
-
-
-def load_models(checkpoints: list[str]) -> list[Model]:
-    """Models labelled by their card's name; two of one architecture by their run folder too."""
-    models = [load_model(c) for c in checkpoint_files(checkpoints or [default_model_name()])]
-    names = [m.card.get("model", "?") if Path(m.name).exists() else m.name for m in models]
-    labels = []
-    for m, name in zip(models, names):
-        label = name
-        if names.count(name) > 1 and Path(m.name).exists():
-            p = Path(m.name)
-            label = f"{name}@{p.parent.parent.name if p.name == 'model.ckpt' else p.stem}"
-        while label in labels:  # the same file twice
-            label += "'"
-        labels.append(label)
-    for m, label in zip(models, labels):
-        m.label = label
-    return models
 
 
 def face_crop_warnings(models: list[Model], override: str | None) -> list[str]:
@@ -353,7 +318,7 @@ def run_predict(
 ) -> Prediction:
     models = load_models(checkpoints)
     if explain:  # refused before anything is read or written
-        from ferlab.explain import check_method
+        from ferlab.inference.explain import check_method
 
         for m in models:
             check_method(m, explain)
@@ -433,7 +398,7 @@ def canonical(label: str, classes: list[str]) -> str:
 def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -> tuple[list[Path], list[Path]]:
     """explanations/<image>[_face<k>]_<model>.png (the crop beside its heatmap for the predicted class) and
     explanation_grid.png pages (every row: the crop, then each model's heatmap): (the pages, the files)."""
-    from ferlab.explain import heatmaps, overlay
+    from ferlab.inference.explain import heatmaps, overlay
 
     folder = out / "explanations"
     folder.mkdir(exist_ok=True)

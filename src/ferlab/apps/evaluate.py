@@ -1,0 +1,162 @@
+"""Metrics: accuracy with its Wilson 95% interval, per-class precision/recall/F1, confusion matrix,
+calibration (temperature scaling, expected calibration error, reliability plot), and ``ferlab evaluate``.
+
+>>> m = metrics(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), ["a", "b"])
+>>> m["accuracy"], m["n"]
+(0.6666666666666666, 3)
+
+    ferlab evaluate runs/x/regularized-cnn/model.ckpt faces/ --class-map contempt=disgust --drop-classes neutral
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+from ferlab.reporting.metrics import expected_calibration_error, overlap, score_and_record
+
+matplotlib.use("Agg")
+import torch  # noqa: E402
+
+from ferlab.core.errors import FerlabError  # noqa: E402
+from ferlab.core.files import SYNONYMS, write_csv  # noqa: E402
+from ferlab.data.datasets import check_drop, scan  # noqa: E402
+from ferlab.data.images import decode_many, to_tensor
+from ferlab.inference.model import Model, load_model  # noqa: E402
+
+
+def parse_class_map(text: str | None) -> dict[str, str]:
+    """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        if item.count("=") != 1 or not all(part.strip() for part in item.split("=")):
+            raise FerlabError(
+                f"--class-map takes data=model pairs separated by commas (e.g. anger=angry), got '{item}'."
+            )
+        a, b = (part.strip() for part in item.split("="))
+        out[a] = b
+    return out
+
+
+def map_classes(
+    data_classes: list[str], model_classes: list[str], class_map: dict[str, str], drop: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """Each data class -> the model class it means (given map first, then built-in synonyms); returns the mapping
+    and the notes saying what was mapped and dropped. A class that maps to nothing is one clear sentence."""
+    for a, b in class_map.items():
+        if b not in model_classes:
+            raise FerlabError(
+                f"--class-map maps '{a}' to '{b}', which the model does not know ({', '.join(model_classes)})."
+            )
+    by_synonym = {SYNONYMS.get(c.lower(), c.lower()): c for c in model_classes}
+    mapping, notes, unknown = {}, [], []
+    for c in data_classes:
+        if c in drop:
+            continue
+        target = class_map.get(c) or (c if c in model_classes else by_synonym.get(SYNONYMS.get(c.lower(), c.lower())))
+        if target is None:
+            unknown.append(c)
+            continue
+        mapping[c] = target
+        if target != c:
+            notes.append(f"{c} -> {target}")
+    if unknown:
+        raise FerlabError(
+            f"The data has classes the model does not know: {', '.join(unknown)} (it knows "
+            f"{', '.join(model_classes)}); map them with --class-map DATA=MODEL or leave them out with --drop-classes."
+        )
+    return mapping, notes
+
+
+def labelled(
+    model: Model, folder: str | Path, class_map: str | None = None, drop: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[str]]:
+    """A folder-per-class tree decoded as ``model``'s card prescribes, its classes mapped onto the model's: the
+    uint8 batch, the labels, the files, the skipped files with reasons, and what was mapped."""
+    drop = list(drop or [])
+    root = Path(os.path.abspath(Path(folder).expanduser()))
+    records = scan(root, drop, "evaluation")
+    check_drop(root, drop)
+    mapping, mapped = map_classes(sorted({r.cls for r in records}), model.classes, parse_class_map(class_map), drop)
+    decoded, reasons = decode_many([r.file for r in records], model.pre)
+    keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
+    skipped = [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
+    if not keep:
+        raise FerlabError(f"None of the {len(records)} files in {folder} could be read as images.")
+    x = to_tensor([d.image for _, d in keep], model.pre.image_size)
+    y = torch.tensor([model.classes.index(mapping[r.cls]) for r, _ in keep])
+    return x, y, [r.file for r, _ in keep], skipped, mapped
+
+
+def evaluate_model(
+    checkpoint: str | Path,
+    folder: str | Path,
+    out: Path,
+    class_map: str | None = None,
+    drop_classes: list[str] | None = None,
+) -> dict:
+    """Metrics of a saved model (a .ckpt, an .onnx or a shipped model's name) on a folder-per-class tree,
+    written into ``out``; mapped and dropped classes, baselines and any overlap with the model's own training
+    images are in the returned dict's ``notes``."""
+    model = load_model(checkpoint)
+    classes = model.classes
+    drop = list(drop_classes or [])
+    x, y, files, skipped, mapped = labelled(model, folder, class_map, drop)
+    logits = model.runtime.logits(x)
+    probs = (logits / model.temperature).softmax(1)
+    present = sorted(set(y.tolist()))
+    counts = torch.bincount(y, minlength=len(classes))
+    notes = []
+    if mapped:
+        notes.append("mapped classes: " + ", ".join(mapped))
+    if drop:
+        notes.append("dropped classes: " + ", ".join(drop))
+    absent = [c for i, c in enumerate(classes) if i not in present]
+    if absent:
+        notes.append(
+            f"the model also knows {', '.join(absent)}, which this data has no images of; "
+            "predicting them counts as wrong"
+        )
+    data_card = model.card.get("data", {})
+    in_train = overlap(files, data_card.get("train_digests"))
+    in_val = overlap(files, data_card.get("val_digests"))
+    warnings_ = []
+    if skipped:
+        warnings_.append(
+            f"{len(skipped)} of {len(skipped) + len(files)} files could not be read as images and were left out "
+            f"(each with its reason in {out / 'skipped_files.csv'})"
+        )
+    if in_train or in_val:
+        warnings_.append(
+            f"{in_train + in_val} of {len(files)} evaluation images were among this model's own training images "
+            f"({in_train} in its training split, {in_val} in its validation split): this is not a fair test"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    m = score_and_record(
+        probs,
+        y,
+        files,
+        classes,
+        out,
+        Path(model.name).stem if Path(model.name).suffix else model.name,
+        name=str(checkpoint),  # as the user gave it: a shipped model's name or the file's path
+        model=model.card["model"],
+        checkpoint=str(checkpoint),
+        runtime=model.runtime.kind,
+        data=str(folder),
+        skipped_files=len(skipped),
+        chance=round(1 / len(classes), 4),
+        majority=round(counts.max().item() / len(y), 4),
+        majority_class=classes[int(counts.argmax())],
+        ece_uncalibrated=round(expected_calibration_error(logits.softmax(1), y), 4),
+        temperature=model.temperature,
+        notes=notes,
+        warnings=warnings_,
+        overlap={"train": in_train, "val": in_val},
+    )
+    write_csv(out / "skipped_files.csv", skipped, ["file", "reason"])
+    return m

@@ -1,0 +1,1 @@
+"""Settings, errors, files and statistics: what every layer may use."""

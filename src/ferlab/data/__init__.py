@@ -1,0 +1,1 @@
+"""Images in (decode, face crop, preprocess) and datasets (folders, splits, folds)."""

@@ -1,0 +1,1 @@
+"""The model registry and factory, checkpoints (model cards), summaries."""

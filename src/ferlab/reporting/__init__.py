@@ -1,0 +1,1 @@
+"""Metrics, model cards as people read them, reports and cross-validation summaries."""

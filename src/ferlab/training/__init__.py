@@ -1,0 +1,1 @@
+"""Fitting models with Lightning: the loop, precision, calibration. Lightning lives only here."""
