@@ -11,12 +11,19 @@ import torch
 from PIL import Image
 
 from ferlab.apps.video import is_video
-from ferlab.inference.explain import heatmaps, region_share
+from ferlab.inference.explain import heatmaps
 from ferlab.inference.model import load_model
 
 from .conftest import CKPLUS, only_run, read_csv, requires_ckplus, run_cli
 
 REGION = (2, 2, 12, 12)  # x, y, w, h: the only place where the two classes differ
+
+
+def region_share(heat: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """The share of a heatmap's mass inside ``box`` (x, y, w, h): the sanity test's measure."""
+    x, y, w, h = box
+    total = float(heat.sum())
+    return float(heat[y : y + h, x : x + w].sum()) / total if total > 0 else 0.0
 
 
 def region_image(cls: int, rng: np.random.Generator, size: int = 32) -> Image.Image:

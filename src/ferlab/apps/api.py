@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from ferlab.core.errors import FerlabError
 from ferlab.data.faces import POLICIES
 from ferlab.data.images import BadImage, NoFace, normalize_mode, open_rgb
-from ferlab.inference.model import Face, Model, default_model_name, load_model
+from ferlab.inference.model import ALL_FACES, Model, default_model_name, load_model
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -82,7 +82,7 @@ def _model(model: str | Path | Model | None) -> Model:
 def analyze(
     images: ImageLike | Sequence[ImageLike],
     model: str | Path | Model | None = "fer2013",
-    all_faces: bool = True,
+    all_faces: bool = ALL_FACES,
     bgr: bool = False,
     face_crop: str | None = None,
     require_face: bool = False,
@@ -109,23 +109,18 @@ def analyze(
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     m = _model(model)
-    pils = [
-        to_pil(im, m.pre.max_pixels, bgr, "the image" if single else f"image {i} of the list")
-        for i, im in enumerate(items)
-    ]
-    prepared = []
-    for i, im in enumerate(pils):
-        where = "the image" if single else f"image {i} of the list"
-        try:
-            crops = m.prepare(im, all_faces=all_faces, face_crop=face_crop)
-        except NoFace:
-            raise FerlabError(f"No face found in {where} (face_crop='on').") from None
-        if require_face and crops and crops[0].note:
-            raise FerlabError(f"No face found in {where}.")
-        prepared.append(crops)
-    flat: list[Face] = m.classify([c for crops in prepared for c in crops])
-    out, k = [], 0
-    for crops in prepared:
-        out.append([f.as_dict() for f in flat[k : k + len(crops)]])
-        k += len(crops)
+
+    def where(i: int) -> str:
+        return "the image" if single else f"image {i} of the list"
+
+    pils = [to_pil(im, m.pre.max_pixels, bgr, where(i)) for i, im in enumerate(items)]
+    try:
+        faces = m.analyze(pils, all_faces=all_faces, face_crop=face_crop)
+    except NoFace as e:
+        raise FerlabError(f"No face found in {where(e.index)} (face_crop='on').") from None
+    if require_face:
+        for i, found in enumerate(faces):
+            if found and found[0].note:
+                raise FerlabError(f"No face found in {where(i)}.")
+    out = [[f.as_dict() for f in found] for found in faces]
     return out[0] if single else out

@@ -162,8 +162,6 @@ def _config(args: argparse.Namespace) -> StudyConfig:
     cfg = StudyConfig()
     if getattr(args, "config", None):
         loaded = load_yaml(args.config)
-        if isinstance(loaded, dict):
-            loaded.pop("dataset", None)  # run folders before dataset.json kept the data summary here
         cfg = merge(cfg, loaded)
     return merge(cfg, overrides_from_args(args))
 
@@ -317,8 +315,6 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     given = overrides_from_args(args)
     if getattr(args, "config", None):
         loaded = load_yaml(args.config)
-        if isinstance(loaded, dict):
-            loaded.pop("dataset", None)
         given = merge_dicts(loaded, given)
     if args.resume:
         from ferlab.apps.study import prepare_resume

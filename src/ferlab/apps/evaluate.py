@@ -1,11 +1,6 @@
-"""Metrics: accuracy with its Wilson 95% interval, per-class precision/recall/F1, confusion matrix,
-calibration (temperature scaling, expected calibration error, reliability plot), and ``ferlab evaluate``.
+"""``ferlab evaluate``: a saved model scored on a labelled folder, through the one inference path.
 
->>> m = metrics(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), ["a", "b"])
->>> m["accuracy"], m["n"]
-(0.6666666666666666, 3)
-
-    ferlab evaluate runs/x/regularized-cnn/model.ckpt faces/ --class-map contempt=disgust --drop-classes neutral
+ferlab evaluate runs/x/regularized-cnn/model.ckpt faces/ --class-map contempt=disgust --drop-classes neutral
 """
 
 from __future__ import annotations
@@ -13,18 +8,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
+from ferlab.core.errors import FerlabError
+from ferlab.core.files import write_csv
+from ferlab.core.names import canonical
+from ferlab.data.datasets import check_drop, scan
+from ferlab.inference.model import Model, calibrated, load_model
 from ferlab.reporting.metrics import expected_calibration_error, overlap, score_and_record
-
-matplotlib.use("Agg")
-import torch  # noqa: E402
-
-from ferlab.core.errors import FerlabError  # noqa: E402
-from ferlab.core.files import SYNONYMS, write_csv  # noqa: E402
-from ferlab.data.datasets import check_drop, scan  # noqa: E402
-from ferlab.data.images import decode_many, to_tensor
-from ferlab.inference.model import Model, load_model  # noqa: E402
 
 
 def parse_class_map(text: str | None) -> dict[str, str]:
@@ -52,12 +44,12 @@ def map_classes(
             raise FerlabError(
                 f"--class-map maps '{a}' to '{b}', which the model does not know ({', '.join(model_classes)})."
             )
-    by_synonym = {SYNONYMS.get(c.lower(), c.lower()): c for c in model_classes}
+    by_synonym = {canonical(c): c for c in model_classes}
     mapping, notes, unknown = {}, [], []
     for c in data_classes:
         if c in drop:
             continue
-        target = class_map.get(c) or (c if c in model_classes else by_synonym.get(SYNONYMS.get(c.lower(), c.lower())))
+        target = class_map.get(c) or (c if c in model_classes else by_synonym.get(canonical(c)))
         if target is None:
             unknown.append(c)
             continue
@@ -75,21 +67,21 @@ def map_classes(
 def labelled(
     model: Model, folder: str | Path, class_map: str | None = None, drop: list[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[str]]:
-    """A folder-per-class tree decoded as ``model``'s card prescribes, its classes mapped onto the model's: the
-    uint8 batch, the labels, the files, the skipped files with reasons, and what was mapped."""
+    """A folder-per-class tree classified through the inference path as ``model``'s card prescribes, its classes
+    mapped onto the model's: the logits, the labels, the files, the skipped files with reasons, and what was mapped."""
     drop = list(drop or [])
     root = Path(os.path.abspath(Path(folder).expanduser()))
     records = scan(root, drop, "evaluation")
     check_drop(root, drop)
     mapping, mapped = map_classes(sorted({r.cls for r in records}), model.classes, parse_class_map(class_map), drop)
-    decoded, reasons = decode_many([r.file for r in records], model.pre)
-    keep = [(r, d) for r, d in zip(records, decoded) if d is not None]
+    faces, reasons = model.classify_files([r.file for r in records])
+    keep = [(r, f) for r, f in zip(records, faces) if f is not None]
     skipped = [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
     if not keep:
         raise FerlabError(f"None of the {len(records)} files in {folder} could be read as images.")
-    x = to_tensor([d.image for _, d in keep], model.pre.image_size)
+    logits = torch.from_numpy(np.stack([f.logits for _, f in keep]))
     y = torch.tensor([model.classes.index(mapping[r.cls]) for r, _ in keep])
-    return x, y, [r.file for r, _ in keep], skipped, mapped
+    return logits, y, [r.file for r, _ in keep], skipped, mapped
 
 
 def evaluate_model(
@@ -105,9 +97,8 @@ def evaluate_model(
     model = load_model(checkpoint)
     classes = model.classes
     drop = list(drop_classes or [])
-    x, y, files, skipped, mapped = labelled(model, folder, class_map, drop)
-    logits = model.runtime.logits(x)
-    probs = (logits / model.temperature).softmax(1)
+    logits, y, files, skipped, mapped = labelled(model, folder, class_map, drop)
+    probs = calibrated(logits, model.temperature)
     present = sorted(set(y.tolist()))
     counts = torch.bincount(y, minlength=len(classes))
     notes = []

@@ -22,12 +22,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from ferlab.apps.evaluate import labelled
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_bytes
-from ferlab.inference.model import Model, OnnxRuntime, TorchRuntime, load_model
+from ferlab.data.images import Decoded
+from ferlab.inference.model import Model, OnnxRuntime, TorchRuntime, calibrated, load_model
 from ferlab.inference.onnx_runtime import ARRAYS_KEY, CARD_KEY, load_onnx, pack_arrays
 
 OPSET = 17
@@ -41,7 +44,7 @@ class Exported(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net(x)
-        return logits, (logits / self.temperature).softmax(1)
+        return logits, calibrated(logits, self.temperature)
 
 
 def card_metadata(card: dict) -> dict[str, str]:
@@ -83,7 +86,11 @@ def generated_inputs(size: int, n: int = 16, seed: int = 0) -> torch.Tensor:
 
 def parity(torch_model: Model, onnx_model: Model, x: torch.Tensor) -> tuple[float, int]:
     """(largest probability difference, number of images whose predicted class differs)."""
-    a, b = torch_model.probabilities(x), onnx_model.probabilities(x)
+    crops = [Decoded(np.ascontiguousarray(image), None) for image in x.permute(0, 2, 3, 1).numpy()]
+    a, b = (
+        torch.tensor(np.array([list(f.probabilities.values()) for f in m.classify(crops)]))
+        for m in (torch_model, onnx_model)
+    )
     return float((a - b).abs().max()), int((a.argmax(1) != b.argmax(1)).sum())
 
 
@@ -131,10 +138,9 @@ def accuracy_on(
     model: Model, folder: str, class_map: str | None = None, drop: list[str] | None = None
 ) -> tuple[float, int]:
     """Accuracy of a model on a folder-per-class tree, decoded and mapped as ``ferlab evaluate`` does; its size."""
-    from ferlab.apps.evaluate import labelled
 
-    x, y, *_ = labelled(model, folder, class_map, drop)
-    return float((model.probabilities(x).argmax(1) == y).float().mean()), len(y)
+    logits, y, *_ = labelled(model, folder, class_map, drop)
+    return float((logits.argmax(1) == y).float().mean()), len(y)
 
 
 def export_onnx(

@@ -24,10 +24,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ferlab.core.errors import FerlabError
-from ferlab.core.files import SYNONYMS, write_csv
+from ferlab.core.files import atomic, write_csv
+from ferlab.core.names import canonical, same_class, spelled_as
 from ferlab.core.stats import wilson
 from ferlab.data.faces import iou
 from ferlab.data.images import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
+from ferlab.inference.explain import check_method, heatmaps, overlay
 from ferlab.inference.model import Model, load_models
 
 GRID_PANELS = 48  # panels per grid page
@@ -73,7 +75,7 @@ def read_labels(path: str) -> dict[str, str]:
         raise FerlabError(f"The labels file {path} must have two columns, filename and label.")
 
     def key(label: str) -> str:
-        return SYNONYMS.get(label.lower(), label.lower())
+        return canonical(label)
 
     out: dict[str, str] = {}
     for name, label, *_ in rows:
@@ -133,7 +135,7 @@ def predict(
     def truth(f: Path) -> str:
         if labels is not None:
             return labels.get(f.name, labels.get(str(f), ""))
-        return canonical(f.parent.name, classes) if any(same_class(f.parent.name, c) for c in classes) else ""
+        return spelled_as(f.parent.name, classes) if any(same_class(f.parent.name, c) for c in classes) else ""
 
     def row_for(f: Path, d: Decoded, taken: set[int]) -> tuple[Path, int]:
         """The file's row for this face: the one whose box another model already found (IoU >= 0.5; models
@@ -277,9 +279,8 @@ def draw_grid(rows: list[Row], models: list[Model], path: Path, truth: bool) -> 
             while draw.textlength(text, font=font) > PANEL - 12 and len(text) > 4:
                 text = text[:-4] + "..."
             draw.text((x0, y0 + side + 4 + i * LINE), text, fill=colour, font=font)
-    tmp = path.with_name(path.name + ".tmp.png")
-    sheet.save(tmp)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        sheet.save(tmp)
 
 
 def draw_grids(rows: list[Row], models: list[Model], out: Path) -> list[Path]:
@@ -318,8 +319,6 @@ def run_predict(
 ) -> Prediction:
     models = load_models(checkpoints)
     if explain:  # refused before anything is read or written
-        from ferlab.inference.explain import check_method
-
         for m in models:
             check_method(m, explain)
     for w in face_crop_warnings(models, face_crop):
@@ -328,14 +327,14 @@ def run_predict(
     known = read_labels(labels) if labels else None
     if known is not None:
         for m in models:
-            names = {SYNONYMS.get(c.lower(), c.lower()) for c in m.classes}
-            foreign = sorted({v for v in known.values() if v and SYNONYMS.get(v.lower(), v.lower()) not in names})
+            names = {canonical(c) for c in m.classes}
+            foreign = sorted({v for v in known.values() if v and canonical(v) not in names})
             if foreign:
                 raise FerlabError(
                     f"The labels file names classes {m.label} does not know: {', '.join(foreign)} "
                     f"(it knows {', '.join(m.classes)})."
                 )
-        known = {f: canonical(v, models[0].classes) for f, v in known.items()}
+        known = {f: spelled_as(v, models[0].classes) for f, v in known.items()}
     rows, skipped = predict(models, files, known, all_faces, face_crop, keep_crops=explain is not None)
     if known is not None:
         inputs = {r.file for r in rows}
@@ -384,21 +383,9 @@ def remove_stale(out: Path, stale: set[Path]) -> None:
         folder.rmdir()
 
 
-def same_class(a: str, b: str) -> bool:
-    """Two class names for one emotion (angry and anger: models trained on differently named folders)."""
-    return SYNONYMS.get(a.lower(), a.lower()) == SYNONYMS.get(b.lower(), b.lower())
-
-
-def canonical(label: str, classes: list[str]) -> str:
-    """A labels-file class in the model's own spelling (anger -> angry for a model that says angry)."""
-    key = SYNONYMS.get(label.lower(), label.lower())
-    return next((c for c in classes if SYNONYMS.get(c.lower(), c.lower()) == key), label)
-
-
 def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -> tuple[list[Path], list[Path]]:
     """explanations/<image>[_face<k>]_<model>.png (the crop beside its heatmap for the predicted class) and
     explanation_grid.png pages (every row: the crop, then each model's heatmap): (the pages, the files)."""
-    from ferlab.inference.explain import heatmaps, overlay
 
     folder = out / "explanations"
     folder.mkdir(exist_ok=True)
@@ -453,9 +440,8 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
                     )
         page = k // GRID_PANELS + 1
         path = out / ("explanation_grid.png" if page == 1 else f"explanation_grid_{page}.png")
-        tmp = path.with_name(path.name + ".tmp.png")
-        sheet.save(tmp)
-        tmp.replace(path)
+        with atomic(path) as tmp:
+            sheet.save(tmp)
         pages.append(path)
     return pages, files
 

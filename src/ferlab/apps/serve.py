@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect
 
 from ferlab.core.errors import FerlabError
 from ferlab.data.images import WEB_FORMATS, BadImage, Decoded, NoFace, crop_policy, decode_image
-from ferlab.inference.model import Face, Model
+from ferlab.inference.model import ALL_FACES, Face, Model
 from ferlab.reporting.cards import public, summary
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -68,7 +68,6 @@ class Batcher:
     def __init__(self, model: Model, max_batch: int = 64, max_wait: float = 0.004):
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait
         self.queue: queue.Queue[tuple[list[Decoded], concurrent.futures.Future]] = queue.Queue()
-        self.batches = 0
         threading.Thread(target=self._run, name=f"ferlab-batcher-{model.label}", daemon=True).start()
 
     def submit(self, crops: list[Decoded]) -> concurrent.futures.Future:
@@ -100,7 +99,6 @@ class Batcher:
                 for _, f in live:
                     f.set_exception(e)
                 continue
-            self.batches += 1
             k = 0
             for crops, f in live:
                 f.set_result(faces[k : k + len(crops)])
@@ -157,25 +155,30 @@ async def read_limited(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"The request body is {int(declared):,} bytes, over the limit of {limit:,}.")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(BODY_SECONDS):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise Refused(413, f"The request body is over the limit of {limit:,} bytes.")
-                chunks.append(chunk)
-    except TimeoutError:
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"The request body is over the limit of {limit:,} bytes.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:  # wait_for, not asyncio.timeout: the same on Python 3.10
+        return await asyncio.wait_for(receive(), BODY_SECONDS)
+    except asyncio.TimeoutError:
         raise Refused(408, f"The request body did not arrive within {BODY_SECONDS:g} s.") from None
-    return b"".join(chunks)
 
 
 def _flag(value: Any, name: str) -> bool:
     """A boolean option given as JSON true/false or as text (a query or form field)."""
-    text = "" if value is None else str(value).lower()  # JSON null: the default
+    text = "" if value is None else str(value).lower()
+    if text == "":  # JSON null or an empty field: the default
+        return ALL_FACES
     if text in ("1", "true", "yes", "on"):
         return True
-    if text in ("0", "false", "no", "off", ""):
+    if text in ("0", "false", "no", "off"):
         return False
     raise Refused(422, f"'{name}' must be true or false, not {str(value)[:40]!r}.")
 
@@ -334,7 +337,7 @@ def create_app(
         if name not in by_name:
             raise Refused(404, f"No model called '{name}' is served here; served: {', '.join(by_name)}.")
         model = by_name[name]
-        all_faces = _flag(options.get("all_faces", False), "all_faces")
+        all_faces = _flag(options.get("all_faces", ALL_FACES), "all_faces")
 
         def prepare() -> list[tuple[tuple[int, int], str, list[Decoded]]]:
             out, pixels = [], 0

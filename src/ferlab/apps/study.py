@@ -28,23 +28,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
+from ferlab.apps.predict import expand_inputs, run_predict
 from ferlab.core.config import StudyConfig, merge, to_dict
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import read_csv, unique_dir, write_csv, write_text
 from ferlab.data import demo
-from ferlab.data.datasets import Data, load_data, write_manifest
+from ferlab.data.datasets import Data, ImageSet, load_data, write_manifest
 from ferlab.inference import ood
-from ferlab.inference.model import Model, TorchRuntime, run_batches
+from ferlab.inference.model import calibrated, load_model, run_batches
 from ferlab.models.checkpoint import save_checkpoint
 from ferlab.models.registry import REGISTRY, STUDY, Net, create_model
 from ferlab.models.summary import param_counts, summarize
+from ferlab.reporting.cards import FER2013_LICENSE
+from ferlab.reporting.crossval import summarize_runs
 from ferlab.reporting.metrics import digests, score_and_record
+from ferlab.reporting.report import build_report
 from ferlab.training.calibration import calibration
 from ferlab.training.fit import FitResult, fit_model, is_distributed, is_rank_zero
 from ferlab.training.memory import keep_freed_memory
+from ferlab.training.precision import choose, share
 
 COMPARISON_COLUMNS = [
     "model",
@@ -259,33 +265,13 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     unusual = ood.fit(
         list(train.images.permute(0, 2, 3, 1).numpy()),
         list(val.images.permute(0, 2, 3, 1).numpy()),
-        (val_logits / t).softmax(1),
+        calibrated(val_logits, t),
         seed=cfg.train.seed,
     )
     # the overfitting gap, measured fairly: the training split in eval mode with the chosen weights (the
     # epoch table's training accuracy ran with dropout and augmentation on, and over a moving model)
     train_logits = fit.train_logits if fit.train_logits is not None else run_batches(net, train.images)
     train_acc_eval = float((train_logits.argmax(1) == train.labels).float().mean())
-    # the test split through the inference floor, as `ferlab evaluate` would score the saved model.ckpt
-    model = Model(name, TorchRuntime(net), {"classes": data.classes, "calibration": calib, "preprocess_obj": data.pre})
-    m = score_and_record(
-        model.probabilities(test.images),
-        test.labels,
-        test.files,
-        data.classes,
-        out,
-        name,
-        model=name,
-        best_epoch=fit.best_epoch,
-        epochs_run=len(fit.epochs),
-        fit_seconds=round(fit.seconds, 2),
-        precision=fit.precision,
-        precision_note=fit.precision_note,
-        train_acc=fit.train_acc,
-        train_acc_eval=round(train_acc_eval, 6),
-        val_acc=fit.best_val_acc,
-        temperature=t,
-    )
     card = {
         "data": {
             "description": data.description,
@@ -307,12 +293,31 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         },
         "calibration": calib,
         "ood": unusual,
-        "test_metrics": {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")},
     }
     if "FER2013" in data.description.upper():
-        from ferlab.reporting.cards import FER2013_LICENSE
-
         card["license"] = FER2013_LICENSE
+    # the test split is scored from the saved model card, through the one inference path `ferlab evaluate` takes
+    save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
+    probs, labels, files = score_test(out / "model.ckpt", test)
+    m = score_and_record(
+        probs,
+        labels,
+        files,
+        data.classes,
+        out,
+        name,
+        model=name,
+        best_epoch=fit.best_epoch,
+        epochs_run=len(fit.epochs),
+        fit_seconds=round(fit.seconds, 2),
+        precision=fit.precision,
+        precision_note=fit.precision_note,
+        train_acc=fit.train_acc,
+        train_acc_eval=round(train_acc_eval, 6),
+        val_acc=fit.best_val_acc,
+        temperature=t,
+    )
+    card["test_metrics"] = {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")}
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
     row = {
         "model": name,
@@ -337,10 +342,21 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     return Trained(name, row, fit)
 
 
+def score_test(checkpoint: Path, test: ImageSet) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The test split's calibrated probabilities, labels and files, from the saved card alone (as ``ferlab
+    evaluate`` scores it); a file its preprocessing cannot use is one sentence."""
+    model = load_model(checkpoint, cache=False)
+    faces, reasons = model.classify_files(test.files)
+    broken = [(f, why) for f, why in zip(test.files, reasons) if why]
+    if broken:
+        raise FerlabError(f"The test image {broken[0][0]} cannot be scored by the saved model ({broken[0][1]}).")
+    logits = torch.from_numpy(np.stack([f.logits for f in faces]))
+    return calibrated(logits, model.temperature), test.labels, list(test.files)
+
+
 def predict_new_images(folder: str, done: list[Trained], run_dir: Path) -> None:
     """The study's last step: the best from-scratch model (by validation accuracy) and each transfer model
     predict new images."""
-    from ferlab.apps.predict import run_predict
 
     scratch = [t for t in done if not REGISTRY[t.name].transfer]
     chosen = [max(scratch, key=lambda t: t.fit.best_val_acc)] if scratch else []
@@ -409,8 +425,6 @@ def run_split(cfg: StudyConfig, data: Data, split_dir: Path, models: list[str], 
     }
     write_text(split_dir / "run.json", json.dumps(summary, indent=1))
     if done:
-        from ferlab.reporting.report import build_report
-
         build_report(split_dir, own=True)  # the run writes its report as it ends
     print(format_table(rows, COMPARISON_COLUMNS))
     return done
@@ -467,8 +481,6 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     cfg = dataclasses.replace(cfg, models=list(models))  # saved resolved, so the config re-runs exactly this
     check_config(cfg, models)
     if cfg.predict_dir:  # a typo here should not surface only after the training
-        from ferlab.apps.predict import expand_inputs
-
         expand_inputs([cfg.predict_dir])
     plan = units(cfg)
     first = open_data(cfg, (plan[0][0], cfg.folds) if cfg.folds else None)
@@ -484,8 +496,6 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
             left_out.append({"model": name, "reason": str(e)})
             models.remove(name)
     if is_distributed(cfg.train) and is_rank_zero():  # every rank must train in the precision rank 0 chooses
-        from ferlab.training.precision import choose, share
-
         for name in models:
             size, batch = first.pre.image_size, cfg.train.batch_size
             choice = choose(name, len(first.classes), size, batch, cfg.train.accelerator, cfg.train.precision)
@@ -527,8 +537,6 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
             run_split(unit_cfg, data, where, models, left_out)
             results[(fold, seed)] = where
         if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
-            from ferlab.reporting.crossval import summarize_runs
-
             summarize_runs(run_dir, cfg, results)
     except BaseException as e:
         set_status(

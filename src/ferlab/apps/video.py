@@ -33,7 +33,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ferlab.core.errors import FerlabError  # noqa: E402
-from ferlab.core.files import plural, read_csv, write_csv  # noqa: E402
+from ferlab.core.files import (  # noqa: E402
+    plural,
+    read_csv,
+    save_figure,  # noqa: E402
+    write_csv,
+)
 from ferlab.data.faces import iou  # noqa: E402
 from ferlab.data.images import NoFace  # noqa: E402
 from ferlab.inference.model import (
@@ -281,8 +286,6 @@ def plot_timelines(out: Path, classes: list[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ferlab.core.files import save_figure
 
     by_track: dict[str, list[dict]] = {}
     for row in read_csv(out / "video_frames.csv"):

@@ -10,34 +10,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from ferlab.core.errors import FerlabError
-
-# names datasets use for one emotion -> the name most datasets use (evaluate's class maps, --labels files)
-SYNONYMS = {
-    "anger": "angry",
-    "angry": "angry",
-    "mad": "angry",
-    "disgusted": "disgust",
-    "disgust": "disgust",
-    "fear": "fear",
-    "fearful": "fear",
-    "afraid": "fear",
-    "scared": "fear",
-    "happy": "happy",
-    "happiness": "happy",
-    "joy": "happy",
-    "neutral": "neutral",
-    "calm": "neutral",
-    "sad": "sad",
-    "sadness": "sad",
-    "surprise": "surprise",
-    "surprised": "surprise",
-    "contempt": "contempt",
-}
 
 CREATED: list[Path] = []  # folders this process made, so a failed command can remove them while still empty
 
@@ -46,35 +24,49 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+@contextlib.contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends, removed when it
+    fails. A reader never sees half a file, and two processes writing one file never share a temporary name
+    (it holds the process id and a random part). The suffix is kept, so writers that infer the format from it
+    (Pillow, matplotlib) still do.
+
+        >>> with atomic(Path("model.ckpt")) as tmp:       # doctest: +SKIP
+        ...     torch.save(payload, tmp)
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename; a failure is one sentence and leaves no partial file."""
+    """Write atomically; a failure is one sentence and leaves no partial file."""
     if path.is_dir():
         raise FerlabError(f"{path} is a folder; name a file to write.")
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            tmp.write_bytes(data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FerlabError(f"Cannot write {path} ({e.strerror}).") from None
 
 
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_csv(path: Path) -> list[dict]:

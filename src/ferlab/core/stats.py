@@ -49,6 +49,32 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def mcnemar_holm(right: dict[str, dict[str, bool]]) -> list[dict]:
+    """Every pair of models compared on the items both answered: ``right[model][item]`` says whether ``model``
+    got ``item`` right. One dict per pair, in order (a, b): ``model_a``, ``model_b``, ``a_right_b_wrong``,
+    ``a_wrong_b_right``, ``n`` (shared items), the exact McNemar ``mcnemar_p`` and its Holm-corrected ``holm_p``
+    over all the pairs (the family-wise error held across them)."""
+    names = list(right)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = [k for k in right[a] if k in right[b]]
+            n_ab, n_ba, p = mcnemar_exact([right[a][k] for k in shared], [right[b][k] for k in shared])
+            rows.append(
+                {
+                    "model_a": a,
+                    "model_b": b,
+                    "a_right_b_wrong": n_ab,
+                    "a_wrong_b_right": n_ba,
+                    "n": len(shared),
+                    "mcnemar_p": p,
+                }
+            )
+    for row, adjusted in zip(rows, holm([r["mcnemar_p"] for r in rows])):
+        row["holm_p"] = adjusted
+    return rows
+
+
 def t_quantile(df: int, q: float = 0.975) -> float:
     """Student's t quantile (two-sided 95% by default), from the inverse regularized incomplete beta by bisection:
     exact enough for intervals and free of a SciPy dependency."""

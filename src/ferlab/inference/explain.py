@@ -19,7 +19,7 @@ import torch
 from matplotlib import colormaps
 
 from ferlab.core.errors import FerlabError
-from ferlab.inference.model import Model, TorchRuntime
+from ferlab.inference.model import Model, TorchRuntime, calibrated
 from ferlab.models.registry import REGISTRY
 
 METHODS = ("gradcam", "occlusion")
@@ -80,7 +80,7 @@ def heatmaps(model: Model, crops: Sequence[np.ndarray], targets: Sequence[int], 
         u8 = (t * 255).round().clamp(0, 255).to(torch.uint8)
         if isinstance(model.runtime, TorchRuntime):
             with _single_pass(model.runtime.net):
-                return (model.runtime.logits(u8) / model.temperature).softmax(1)
+                return calibrated(model.runtime.logits(u8), model.temperature)
         return model.probabilities(u8)
 
     occ = Occlusion(probs).attribute(
@@ -98,10 +98,3 @@ def overlay(crop: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarr
     """The crop with the heatmap laid over it in a colour map (red: where the class's evidence is)."""
     colour = colormaps["jet"](heat)[..., :3] * 255
     return np.clip((1 - alpha) * crop.astype(np.float32) + alpha * colour, 0, 255).astype(np.uint8)
-
-
-def region_share(heat: np.ndarray, box: tuple[int, int, int, int]) -> float:
-    """The share of a heatmap's mass inside ``box`` (x, y, w, h): the sanity test's measure."""
-    x, y, w, h = box
-    total = float(heat.sum())
-    return float(heat[y : y + h, x : x + w].sum()) / total if total > 0 else 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,10 +27,14 @@ import torch
 from PIL import Image
 
 from ferlab.core.errors import FerlabError
-from ferlab.data.images import Decoded, Preprocess, prepare, to_tensor
+from ferlab.data.images import BadImage, Decoded, NoFace, Preprocess, file_key, open_rgb, prepare, to_tensor
 from ferlab.inference import ood
+from ferlab.inference.onnx_runtime import load_onnx
+from ferlab.models.checkpoint import load_checkpoint
+from ferlab.models.registry import Normalize
 
 PRETRAINED = {"fer2013": "fer2013.ckpt"}  # shipped model name -> file in ferlab/pretrained/
+ALL_FACES = True  # every face of an image, as DeepFace and fer answer: the default of every door
 
 
 # ------------------------------------------------------------------------------------------ batched forward
@@ -39,7 +44,6 @@ def inference_batch(module: torch.nn.Module, x: torch.Tensor, device: torch.devi
     """64 images a pass at 100x100 px; on a CPU proportionally fewer for a larger backbone input: on 2 cores,
     VGG16 at 224x224 ran 1.2x faster per image in batches of 8-16 than of 64 (MobileNetV2 likewise), while
     the CNNs at 100x100 run as fast or faster in 64s."""
-    from ferlab.models.registry import Normalize
 
     if device.type != "cpu":
         return 64
@@ -57,6 +61,11 @@ def run_batches(module: torch.nn.Module, x: torch.Tensor, batch_size: int | None
     if not len(x):
         return torch.empty(0)
     return torch.cat([module(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def calibrated(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities of ``logits`` as the card's calibration prescribes: ``softmax(logits / T)``."""
+    return (logits / temperature).softmax(-1)
 
 
 # ------------------------------------------------------------------------------------------------ runtimes
@@ -110,6 +119,8 @@ class Face:
     face_found: bool
     unusual: str = ""  # why this input is unlike the model's training data ("" when it is not)
     crop: np.ndarray | None = field(default=None, repr=False)  # what the model saw (H x W x 3 uint8)
+    logits: np.ndarray | None = field(default=None, repr=False)  # before calibration, full precision
+    note: str = ""  # what happened in preparing it ("no face found: the whole image was classified")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -147,20 +158,40 @@ class Model:
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities of a uint8 batch as the card's preprocessing made it."""
-        return (self.runtime.logits(x) / self.temperature).softmax(1) if len(x) else torch.empty(0, len(self.classes))
+        return calibrated(self.runtime.logits(x), self.temperature) if len(x) else torch.empty(0, len(self.classes))
 
     def prepare(self, im: Image.Image, key: Any = None, all_faces: bool = False, face_crop: str | None = None):
         return prepare(im, self.pre, all_faces=all_faces, face_crop=face_crop, key=key)
 
+    def prepare_files(
+        self, paths: Sequence[str | Path], all_faces: bool = False, face_crop: str | None = None
+    ) -> list[list[Decoded] | BadImage]:
+        """Files decoded and prepared as the card prescribes, in parallel threads (Pillow and the detector
+        release the GIL); a file that cannot be used gives the :class:`BadImage` saying why, in its place."""
+
+        def one(path: str | Path) -> list[Decoded] | BadImage:
+            try:
+                image = open_rgb(path, self.pre.max_pixels)
+                return self.prepare(image, key=file_key(path), all_faces=all_faces, face_crop=face_crop)
+            except BadImage as e:
+                return e
+            except Exception as e:  # noqa: BLE001 - an odd file must never stop a run
+                return BadImage(f"unreadable ({e.__class__.__name__}: {e})")
+
+        with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2)) as pool:
+            return list(pool.map(one, paths))
+
     def classify(self, crops: Sequence[Decoded]) -> list[Face]:
-        """Faces (or whole images) prepared by :meth:`prepare`, classified in batches."""
+        """Faces (or whole images) prepared by :meth:`prepare`, classified in batches: the one forward path of
+        every door (evaluate, the study's test split, predict, analyze, serve, video, export's parity check)."""
         if not crops:
             return []
         x = to_tensor([c.image for c in crops], self.pre.image_size)
-        probs = self.probabilities(x)
+        logits = self.runtime.logits(x)
+        probs = calibrated(logits, self.temperature)
         unusual = ood.flags(self.card.get("ood"), [c.image for c in crops], probs)
         out = []
-        for c, p, why in zip(crops, probs.tolist(), unusual):
+        for c, p, z, why in zip(crops, probs.tolist(), logits.numpy(), unusual):
             best = int(np.argmax(p))
             out.append(
                 Face(
@@ -170,15 +201,35 @@ class Model:
                     c.box is not None,
                     why or c.note,
                     c.image,
+                    z,
+                    c.note,
                 )
             )
         return out
 
+    def classify_files(self, paths: Sequence[str | Path]) -> tuple[list[Face | None], list[str]]:
+        """Each file's largest face (or the whole image, as the card's policy says), classified; a file that
+        cannot be used gives None and the reason in the second list ("" for the others). How evaluate and the
+        study score labelled images."""
+        prepared = self.prepare_files(paths)
+        usable = [i for i, p in enumerate(prepared) if not isinstance(p, BadImage)]
+        faces: list[Face | None] = [None] * len(prepared)
+        for i, face in zip(usable, self.classify([prepared[i][0] for i in usable])):
+            faces[i] = face
+        return faces, [str(p) if isinstance(p, BadImage) else "" for p in prepared]
+
     def analyze(
-        self, images: Sequence[Image.Image], all_faces: bool = False, face_crop: str | None = None
+        self, images: Sequence[Image.Image], all_faces: bool = ALL_FACES, face_crop: str | None = None
     ) -> list[list[Face]]:
-        """Every image's faces, all classified in one batched pass."""
-        prepared = [self.prepare(im, all_faces=all_faces, face_crop=face_crop) for im in images]
+        """Every image's faces, all classified in one batched pass (:meth:`prepare`, then :meth:`classify`). An
+        image in which the policy ``on`` finds no face raises :class:`NoFace` with its ``index`` in ``images``."""
+        prepared = []
+        for i, im in enumerate(images):
+            try:
+                prepared.append(self.prepare(im, all_faces=all_faces, face_crop=face_crop))
+            except NoFace as e:
+                e.index = i
+                raise
         flat = self.classify([c for crops in prepared for c in crops])
         out, k = [], 0
         for crops in prepared:
@@ -223,26 +274,24 @@ def _is_onnx(path: Path) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _load(path: str, mtime_ns: int, size: int) -> Model:
-    from ferlab.models.checkpoint import load_checkpoint
 
     p = Path(path)
     if _is_onnx(p):
-        from ferlab.inference.onnx_runtime import load_onnx
-
         session, card = load_onnx(p)
         return Model(path, OnnxRuntime(session), card)
     net, card = load_checkpoint(p)
     return Model(path, TorchRuntime(net), card)
 
 
-def load_model(name_or_path: str | Path) -> Model:
+def load_model(name_or_path: str | Path, cache: bool = True) -> Model:
     """A model from a ``.ckpt``, an exported ``.onnx`` (told apart by content) or a shipped model's name.
 
-    Loaded files are kept per process (keyed by path, modification time and size), so repeated calls are free.
+    Loaded files are kept per process (keyed by path, modification time and size), so repeated calls are free;
+    ``cache=False`` loads afresh and keeps nothing (a study scoring each model it trains once).
     """
     path = resolve(name_or_path)
     st = path.stat()
-    model = _load(str(path), st.st_mtime_ns, st.st_size)
+    model = (_load if cache else _load.__wrapped__)(str(path), st.st_mtime_ns, st.st_size)
     shown = str(name_or_path) if str(name_or_path) in PRETRAINED and not Path(name_or_path).exists() else str(path)
     return Model(shown, model.runtime, model.card)
 

@@ -9,13 +9,13 @@ Only plain Python values and tensors are stored, so loading uses ``torch.load(we
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ferlab.core.errors import FerlabError
+from ferlab.core.files import atomic
 from ferlab.core.version import __version__
 from ferlab.data.images import Preprocess
 from ferlab.models.registry import REGISTRY, Net, create_model
@@ -43,9 +43,8 @@ def save_checkpoint(path: Path, net: Net, model: str, classes: list[str], pre: P
         **card,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:

@@ -25,7 +25,8 @@ import numpy as np
 
 from ferlab.core.config import StudyConfig
 from ferlab.core.files import read_csv, write_csv
-from ferlab.core.stats import holm, mcnemar_exact, mean_interval, wilson
+from ferlab.core.stats import mcnemar_holm, mean_interval, wilson
+from ferlab.reporting.report import build_cv_report
 
 ALPHA = 0.05
 SUMMARY_COLUMNS = [
@@ -119,34 +120,27 @@ def summarize_runs(run_dir: Path, cfg: StudyConfig, results: dict[tuple[int | No
             }
         )
     write_csv(run_dir / "cv_summary.csv", summary, SUMMARY_COLUMNS)
+    oof = {m: {item: truth == predicted for item, (truth, predicted) in got["oof"].get(m, {}).items()} for m in models}
     rows = []
-    for i, a in enumerate(models):
-        for b in models[i + 1 :]:
-            shared_folds = sorted(set(folds_of[a]) & set(folds_of[b]))  # paired by fold, not by position
-            diffs = [folds_of[a][f] - folds_of[b][f] for f in shared_folds]
-            mean, _, lo, hi = mean_interval(diffs)
-            pa, pb = got["oof"].get(a, {}), got["oof"].get(b, {})
-            shared = sorted(set(pa) & set(pb))
-            n_ab, n_ba, p = mcnemar_exact(
-                [pa[f][0] == pa[f][1] for f in shared], [pb[f][0] == pb[f][1] for f in shared]
-            )
-            rows.append(
-                {
-                    "model_a": a,
-                    "model_b": b,
-                    "fold_differences": " ".join(f"{d:+.3f}" for d in diffs),
-                    "mean_difference": round(mean, 4),
-                    "diff_ci95_low": round(lo, 4) if lo == lo else "",
-                    "diff_ci95_high": round(hi, 4) if hi == hi else "",
-                    "a_right_b_wrong": n_ab,
-                    "a_wrong_b_right": n_ba,
-                    "mcnemar_p": p,
-                }
-            )
-    for row, adj in zip(rows, holm([r["mcnemar_p"] for r in rows])):
-        row["holm_p"] = round(adj, 6)
-        row["mcnemar_p"] = round(row["mcnemar_p"], 6)
+    for pair in mcnemar_holm(oof):
+        a, b = pair["model_a"], pair["model_b"]
+        shared_folds = sorted(set(folds_of[a]) & set(folds_of[b]))  # paired by fold, not by position
+        diffs = [folds_of[a][f] - folds_of[b][f] for f in shared_folds]
+        mean, _, lo, hi = mean_interval(diffs)
+        row = {
+            "model_a": a,
+            "model_b": b,
+            "fold_differences": " ".join(f"{d:+.3f}" for d in diffs),
+            "mean_difference": round(mean, 4),
+            "diff_ci95_low": round(lo, 4) if lo == lo else "",
+            "diff_ci95_high": round(hi, 4) if hi == hi else "",
+            "a_right_b_wrong": pair["a_right_b_wrong"],
+            "a_wrong_b_right": pair["a_wrong_b_right"],
+            "mcnemar_p": round(pair["mcnemar_p"], 6),
+            "holm_p": round(pair["holm_p"], 6),
+        }
         row["verdict"] = verdict(row, got["groups"], "test subjects" if cfg.data.group_by else "test images")
+        rows.append(row)
     write_csv(run_dir / "cv_pairs.csv", rows, PAIR_COLUMNS)
     (run_dir / "cv.json").write_text(
         json.dumps(
@@ -160,7 +154,6 @@ def summarize_runs(run_dir: Path, cfg: StudyConfig, results: dict[tuple[int | No
             indent=1,
         )
     )
-    from ferlab.reporting.report import build_cv_report
 
     build_cv_report(run_dir, own=True)  # the run writes its report as it ends
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +18,7 @@ from torchmetrics.functional.classification import (  # noqa: E402
     multiclass_recall,
 )
 
-from ferlab.core.files import save_figure, write_csv  # noqa: E402
+from ferlab.core.files import save_figure, write_csv, write_text  # noqa: E402
 from ferlab.core.stats import wilson  # noqa: E402
 
 
@@ -117,9 +116,7 @@ def plot_confusion(conf: list[list[int]], classes: list[str], title: str, path: 
 
 def write_metrics(m: dict, classes: list[str], out: Path, title: str) -> None:
     """metrics.json, per_class.csv, confusion_matrix.csv and .png into ``out``."""
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(m, indent=1))
-    os.replace(tmp, out / "metrics.json")
+    write_text(out / "metrics.json", json.dumps(m, indent=1))
     write_csv(
         out / "per_class.csv",
         [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in m["per_class"]],

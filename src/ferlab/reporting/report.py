@@ -22,24 +22,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ferlab.core.errors import FerlabError  # noqa: E402
-from ferlab.core.files import read_csv, save_figure  # noqa: E402
-from ferlab.core.stats import holm, mcnemar_exact  # noqa: E402
+from ferlab.core.errors import FerlabError as _Error
+from ferlab.core.files import atomic, read_csv, save_figure  # noqa: E402
+from ferlab.core.stats import mcnemar_holm  # noqa: E402
 from ferlab.data.images import BadImage, Preprocess, decode  # noqa: E402
+from ferlab.inference.explain import heatmaps, overlay
+from ferlab.inference.model import load_model
+from ferlab.reporting.metrics import plot_confusion
 
-SECTIONS = (
-    "Findings",
-    "Dataset",
-    "Models",
-    "Comparison",
-    "Per-class results",
-    "Misclassified test images",
-    "Predictions on new images",
-)
 ALPHA = 0.05
 PRECISION = {"32": "fp32", "bf16-mixed": "bf16 mixed precision", "16-mixed": "fp16 mixed precision"}
 
@@ -198,9 +192,8 @@ def thumbnails(
             draw.rectangle([x, y, x + side, y + side], outline=(200, 0, 0))
         for i, (text, colour) in enumerate(lines):
             draw.text((x, y + side + 3 + 15 * i), text, fill=colour, font=_font())
-    tmp = path.with_name(path.name + ".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        sheet.save(tmp)
 
 
 def wrong_heatmaps(checkpoint: Path, wrong: list[dict], path: Path, side: int = 96) -> bool:
@@ -208,9 +201,6 @@ def wrong_heatmaps(checkpoint: Path, wrong: list[dict], path: Path, side: int = 
     model cannot be loaded or explained (the gallery above still stands)."""
     if not wrong or not checkpoint.is_file():
         return False
-    from ferlab.core.errors import FerlabError as _Error
-    from ferlab.inference.explain import heatmaps, overlay
-    from ferlab.inference.model import load_model
 
     try:
         model = load_model(checkpoint)
@@ -237,9 +227,8 @@ def wrong_heatmaps(checkpoint: Path, wrong: list[dict], path: Path, side: int = 
         for j, im in enumerate((crop, overlay(crop, hp), overlay(crop, ht))):
             sheet.paste(Image.fromarray(im).resize((side, side)), (x + j * side, y))
         draw.text((x, y + side + 3), f"pred {r['predicted']} | true {r['true']}"[:40], fill=(200, 0, 0), font=_font())
-    tmp = path.with_name(path.name + ".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        sheet.save(tmp)
     return True
 
 
@@ -280,9 +269,6 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
         if note:
             raise FerlabError(f"{run} has no finished study to report on yet. {note}")
         raise FerlabError(f"{run} is not a finished ferlab run folder (no test_accuracy_comparison.csv).")
-    # a fold of a cross-validation has its settings in the run folder above it
-    config = next((d / "config.yaml" for d in (run, *run.parents[:2]) if (d / "config.yaml").is_file()), None)
-    cfg = yaml.safe_load(config.read_text()) if config else {}
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     comparison = read_csv(run / "test_accuracy_comparison.csv")
     models = [r["model"] for r in comparison]
@@ -290,29 +276,17 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
         raise FerlabError(f"{run} holds no trained models to report on.")
     files = run / "report_files"
     files.mkdir(exist_ok=True)
-    ds = json.loads((run / "dataset.json").read_text()) if (run / "dataset.json").is_file() else cfg["dataset"]
-    if "preprocess" in ds:
-        pre = Preprocess(**ds["preprocess"])
-    else:  # run folders from before dataset.json
-        d = cfg["data"]
-        pre = Preprocess(d["image_size"], d["face_crop"], d["face_margin"], d["max_pixels"])
+    ds = json.loads((run / "dataset.json").read_text())
+    pre = Preprocess(**ds["preprocess"])
     classes = ds["classes"]
     m = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
     epochs = {name: read_csv(run / name / "epochs.csv") for name in models}
     preds = {name: read_csv(run / name / "predictions.csv") for name in models}
     doc = Doc(files)
 
-    # pairwise McNemar on the test images every model saw
-    pairs = []
-    for i, a in enumerate(models):
-        for b in models[i + 1 :]:
-            truth = {r["file"]: r["true"] for r in preds[a]}
-            pb = {r["file"]: r["predicted"] for r in preds[b]}
-            shared = [f for f in truth if f in pb]
-            pa = {r["file"]: r["predicted"] for r in preds[a]}
-            n_ab, n_ba, p = mcnemar_exact([pa[f] == truth[f] for f in shared], [pb[f] == truth[f] for f in shared])
-            pairs.append((a, b, n_ab, n_ba, p, len(shared)))
-    adjusted = holm([p for *_, p, _ in pairs])  # several pairs: the family-wise error held at ALPHA
+    # pairwise McNemar on the test images every model saw, Holm-corrected over the pairs
+    right = {n: {r["file"]: r["predicted"] == r["true"] for r in preds[n]} for n in models}
+    pairs = mcnemar_holm(right)
 
     # ---- findings, written from the numbers
     doc.h2("Findings")
@@ -325,7 +299,9 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
         f"Best test accuracy: {best}, {pct(m[best]['accuracy'])} (95% CI {pct(m[best]['ci95'][0])}-"
         f"{pct(m[best]['ci95'][1])}, n={m[best]['n']}), macro-F1 {m[best]['macro_f1']:.3f}."
     ]
-    for (a, b, n_ab, n_ba, p, n), adj in zip(pairs, adjusted):
+    for pair in pairs:
+        a, b, n_ab, n_ba, n = (pair[k] for k in ("model_a", "model_b", "a_right_b_wrong", "a_wrong_b_right", "n"))
+        p, adj = pair["mcnemar_p"], pair["holm_p"]
         hi, lo = (a, b) if m[a]["accuracy"] >= m[b]["accuracy"] else (b, a)
         diff = m[hi]["accuracy"] - m[lo]["accuracy"]
         verdict = (
@@ -481,8 +457,16 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
                 f"significant at {ALPHA}",
             ],
             [
-                [a, b, x, y, f"{p:.3g}", f"{adj:.3g}", "yes" if adj < ALPHA else "no"]
-                for (a, b, x, y, p, _), adj in zip(pairs, adjusted)
+                [
+                    r["model_a"],
+                    r["model_b"],
+                    r["a_right_b_wrong"],
+                    r["a_wrong_b_right"],
+                    f"{r['mcnemar_p']:.3g}",
+                    f"{r['holm_p']:.3g}",
+                    "yes" if r["holm_p"] < ALPHA else "no",
+                ]
+                for r in pairs
             ],
         )
 
@@ -557,9 +541,8 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
 def write_report(doc: Doc, title: str, run: Path) -> tuple[Path, Path]:
     html_path, md_path = run / "report.html", run / "report.md"
     for path, text in ((html_path, doc.html(title)), (md_path, doc.markdown(title, run))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            tmp.write_text(text)
     return html_path, md_path
 
 
@@ -585,7 +568,6 @@ def plot_folds(per_fold: dict[str, list[float]], title: str, path: Path) -> None
 
 def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
     """The cross-validation run's report: the summary, the pairwise verdicts, per-fold dots, pooled confusions."""
-    from ferlab.reporting.metrics import plot_confusion
 
     run = Path(run_dir)
     summary = read_csv(run / "cv_summary.csv")

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from ferlab.core.config import TrainConfig
+from ferlab.core.files import atomic
 from ferlab.data.datasets import Data
 from ferlab.inference.model import run_batches
 from ferlab.models.registry import REGISTRY, Net
@@ -235,18 +236,15 @@ class KeepBest(Callback):
     saved inside each training-state checkpoint, so a resumed stage continues with exactly the best it had
     when that state was written; at a stage's end :func:`fit_model` writes them beside ``progress.json``."""
 
-    def __init__(self, module: nn.Module, legacy: Path | None = None):
+    def __init__(self, module: nn.Module):
         self.module, self.best, self.state = module, -math.inf, None
         self.offset = 0  # epochs of earlier stages: best_epoch counts across stages (0-based)
         self.best_epoch = 0
-        self.legacy = legacy  # best.pt: where the training state of an earlier ferlab kept them
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.state}
 
     def load_state_dict(self, state: dict) -> None:
-        if "weights" not in state and self.legacy is not None and self.legacy.is_file():
-            state = torch.load(self.legacy, map_location="cpu", weights_only=True)
         self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state.get("weights")
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -313,9 +311,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @dataclass
@@ -411,7 +408,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         print(choice.message(name), file=sys.stderr, flush=True)
     train, val = data.splits["train"], data.splits["val"]
     result = FitResult(precision=precision, precision_note=choice.message(name).removeprefix("ferlab: "))
-    keep = KeepBest(net, None if state_dir is None else state_dir / "best.pt")
+    keep = KeepBest(net)
     done_stages = 0
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +416,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
         if progress.is_file():  # a resumed fit: finished stages are not trained again
             saved = json.loads(progress.read_text())
             done_stages, result.epochs = saved["stages_done"], saved["epochs"]
-            best = saved.get("best", "best.pt")  # (best.pt: a run killed under an earlier ferlab)
+            best = saved["best"]
             if best and (state_dir / best).is_file():
                 keep.load_state_dict(torch.load(state_dir / best, map_location="cpu", weights_only=True))
                 net.load_state_dict(keep.state)
@@ -517,7 +514,7 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
             if best:
                 atomic_save(keep.state_dict(), state_dir / best)
             write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs, "best": best})
-            for old in [*state_dir.glob("best-stage*.pt"), state_dir / "best.pt"]:
+            for old in state_dir.glob("best-stage*.pt"):
                 if old.name != best:
                     old.unlink(missing_ok=True)
             last.unlink(missing_ok=True)
@@ -535,6 +532,5 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
 
 
 def write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj))

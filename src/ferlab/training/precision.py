@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ferlab.core.files import atomic
+from ferlab.models.registry import create_model
+
 MARGIN = 1.10  # bf16 must be this much faster than fp32 to be chosen
 FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx2")
 
@@ -94,9 +97,8 @@ def _save(cache: dict) -> None:
     path = cache_file()
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            tmp.write_text(json.dumps(cache, indent=1))
 
 
 def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5, budget: float = 4.0) -> tuple[float, float]:
@@ -152,7 +154,6 @@ def choose(
             return Choice(**{**machine[key], "cached": True})
         except TypeError:  # an entry from another ferlab version, or edited by hand: measure again
             pass
-    from ferlab.models.registry import create_model
 
     torch.manual_seed(0)
     net = create_model(model, num_classes, image_size, "none", None)
