@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -76,6 +78,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subpro
         timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI's ``main`` run in this process, its exit status and output captured like :func:`run_cli`'s: the
+    same code path without a new interpreter's start (seconds of importing torch), for the many tests of
+    mistakes that end before any work."""
+    from ferlab.apps.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["ferlab", *args], code, out.getvalue(), err.getvalue())
 
 
 requires_ckplus = pytest.mark.skipif(not CKPLUS.is_dir(), reason="../shared/datasets/ckplus48 is not present")

@@ -13,7 +13,7 @@ import yaml
 from ferlab.core.config import StudyConfig, merge
 from ferlab.core.errors import FerlabError
 
-from .conftest import FAST, make_tree, only_run, run_cli
+from .conftest import FAST, cli, make_tree, only_run, run_cli
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -200,46 +200,44 @@ def _one_error_line(r, message: str) -> None:
 def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     out = tmp_path / "out"
     if case == "missing":
-        r = run_cli("run", str(tmp_path / "nowhere"), "--out", str(out))
+        r = cli("run", str(tmp_path / "nowhere"), "--out", str(out))
     elif case == "data-is-a-file":
         (tmp_path / "a.png").write_bytes(b"")
-        r = run_cli("run", str(tmp_path / "a.png"), "--out", str(out))
+        r = cli("run", str(tmp_path / "a.png"), "--out", str(out))
     elif case == "one-class":
-        r = run_cli("run", str(make_tree(tmp_path / "d", classes=("only",), per_class=4)), "--out", str(out))
+        r = cli("run", str(make_tree(tmp_path / "d", classes=("only",), per_class=4)), "--out", str(out))
     elif case == "unknown-model":
-        r = run_cli("run", str(make_tree(tmp_path / "d", per_class=4)), "--models", "resnet", "--out", str(out))
+        r = cli("run", str(make_tree(tmp_path / "d", per_class=4)), "--models", "resnet", "--out", str(out))
     elif case == "bad-checkpoint":
         (tmp_path / "x.ckpt").write_bytes(b"garbage")
-        r = run_cli("evaluate", str(tmp_path / "x.ckpt"), str(make_tree(tmp_path / "d", per_class=2)))
+        r = cli("evaluate", str(tmp_path / "x.ckpt"), str(make_tree(tmp_path / "d", per_class=2)))
     elif case == "out-under-proc":  # an OSError other than the usual four once ended in a traceback
-        r = run_cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", "/proc/ferlab-out")
+        r = cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", "/proc/ferlab-out")
     elif case == "explain-onnx":  # refused before the CSV and grid were written, not after
-        assert run_cli("export", "fer2013", "--out", str(tmp_path / "f.onnx")).returncode == 0
+        assert cli("export", "fer2013", "--out", str(tmp_path / "f.onnx")).returncode == 0
         d = make_tree(tmp_path / "d", per_class=1)
-        r = run_cli(
-            "predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "gradcam", "--out", str(out)
-        )
+        r = cli("predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "gradcam", "--out", str(out))
     elif case == "video-option-on-images":  # was silently ignored
         d = make_tree(tmp_path / "d", per_class=1)
-        r = run_cli("predict", str(d), "--every", "5", "--smooth", "0", "--out", str(out))
+        r = cli("predict", str(d), "--every", "5", "--smooth", "0", "--out", str(out))
     elif case == "export-data-alone":  # was silently ignored
-        r = run_cli("export", "fer2013", "--drop-classes", "contempt", "--out", str(out / "f.onnx"))
+        r = cli("export", "fer2013", "--drop-classes", "contempt", "--out", str(out / "f.onnx"))
     elif case == "serve-busy-port":  # said at once, before the models load and before any "serving" line
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            r = run_cli("serve", "--port", str(port))
+            r = cli("serve", "--port", str(port))
         message = message.replace("{port}", str(port))
         assert "serving" not in r.stdout
     elif case == "serve-pending":
-        r = run_cli("serve", "--max-pending", "0", "--port", str(8000))
+        r = cli("serve", "--max-pending", "0", "--port", str(8000))
     elif case == "out-is-a-file":
         out.write_text("not a folder")
-        r = run_cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", str(out))
+        r = cli("predict", str(make_tree(tmp_path / "d", per_class=1)), "--out", str(out))
     else:
         (tmp_path / "c.yaml").write_text("train:\n  epochs: 3\n")
-        r = run_cli("run", "--config", str(tmp_path / "c.yaml"), "--out", str(out))
+        r = cli("run", "--config", str(tmp_path / "c.yaml"), "--out", str(out))
     _one_error_line(r, message.format(tmp=tmp_path))
     assert not out.is_dir() or not any(out.iterdir()), "a failed start must not leave a half-made run folder"
 

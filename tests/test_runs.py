@@ -19,7 +19,7 @@ from ferlab.core.config import DataConfig
 from ferlab.data.datasets import load_data
 from ferlab.data.images import Preprocess, decode, decode_many
 
-from .conftest import CKPLUS, SHARED, make_tree, only_run, read_csv, run_cli
+from .conftest import CKPLUS, SHARED, cli, make_tree, only_run, read_csv, run_cli
 
 TINY = ["--image-size", "32", "--no-progress"]
 
@@ -42,7 +42,7 @@ TINY = ["--image-size", "32", "--no-progress"]
 def test_wrong_settings_are_refused_before_any_work(tmp_path, flags, message):
     data = make_tree(tmp_path / "d", per_class=6)
     t = time.perf_counter()
-    r = run_cli("run", str(data), *TINY, *flags, "--out", str(tmp_path / "o"))
+    r = cli("run", str(data), *TINY, *flags, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert message in r.stderr, r.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing half-written

@@ -173,45 +173,64 @@ def test_no_face_is_a_note_not_an_error(client):
 @pytest.mark.slow
 def test_requests_in_the_works_are_bounded(model_file, monkeypatch):
     """At most IN_FLIGHT requests between decoding and their classified faces, at most one decoding per core;
-    without the first bound, requests kept decoding while a slow batch ran and 12 were in the works at once."""
+    without the first bound, requests kept decoding while a slow batch ran and 12 were in the works at once.
+    Decoding and classifying are held shut until the bound is reached, so the peaks do not depend on timing."""
     from ferlab.apps import serve
 
     base = load_models([str(model_file)])[0]
     lock, now, most = threading.Lock(), {"works": 0, "decoding": 0}, {"works": 0, "decoding": 0}
+    decode_gate, classify_gate = threading.Event(), threading.Event()
 
     def count(key: str, step: int) -> None:
         with lock:
             now[key] += step
             most[key] = max(most[key], now[key])
 
-    class Slow(type(base)):
+    class Held(type(base)):
         def prepare(self, im, **kw):
             count("works", 1)
             count("decoding", 1)
-            time.sleep(0.02)
+            decode_gate.wait(10)
             count("decoding", -1)
             return super().prepare(im, **kw)
 
         def classify(self, crops):
-            time.sleep(0.1)
+            classify_gate.wait(10)
             out = super().classify(crops)
             count("works", -len(crops))
             return out
 
     monkeypatch.setattr(serve, "IN_FLIGHT", 3)
     monkeypatch.setattr(serve, "cores", lambda: 2)  # the same bound on any CI machine
-    app = create_app([Slow(base.name, base.runtime, base.card, base.label)], max_bytes=300_000)
+    app = create_app([Held(base.name, base.runtime, base.card, base.label)], max_bytes=300_000)
     image = png(Image.new("RGB", (40, 40), (10, 200, 10)))
 
-    async def main() -> list[int]:
+    async def until(key: str, value: int) -> None:
+        for _ in range(500):
+            if now[key] == value:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # time for a request past the bound, were there one, to come in
+
+    async def main() -> tuple[list[int], dict, dict]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ferlab") as c:
-            answers = await asyncio.gather(
-                *(c.post("/v1/predict", content=image, headers={"content-type": "image/png"}) for _ in range(12))
-            )
-        return [a.status_code for a in answers]
+            posts = [
+                asyncio.create_task(c.post("/v1/predict", content=image, headers={"content-type": "image/png"}))
+                for _ in range(12)
+            ]
+            await until("decoding", 2)
+            decoding = dict(now)  # two decode (one per core) and nothing else has started
+            decode_gate.set()
+            await until("works", 3)
+            works = dict(now)  # three in the works, the batch held in the classifier
+            classify_gate.set()
+            answers = await asyncio.gather(*posts)
+        return [a.status_code for a in answers], decoding, works
 
-    assert asyncio.run(main()) == [200] * 12
+    codes, decoding, works = asyncio.run(main())
+    assert codes == [200] * 12
+    assert decoding == {"works": 2, "decoding": 2} and works == {"works": 3, "decoding": 0}
     assert most == {"works": 3, "decoding": 2}, most
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ferlab.core.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
@@ -55,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model", help="the model to train, a registry name (ferlab models lists them; default: the config's one)"
     )
+    _evaluate_parser(sub)
+    _predict_parser(sub)
+    rp = sub.add_parser("report", help="write report.html and report.md for a run folder")
+    rp.add_argument("run_dir")
+    _summary_parser(sub)
+    _export_parser(sub)
+    _serve_parser(sub)
+    sub.add_parser("models", help="list the registry's architectures and the shipped pretrained models")
+    info = sub.add_parser("info", help="print a checkpoint's model card")
+    info.add_argument("checkpoint", help="a model.ckpt, an exported .onnx or a shipped model's name")
+    return parser
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="evaluate a saved model on a folder of labelled images")
     ev.add_argument("checkpoint", help="a model.ckpt, an exported .onnx or a shipped model's name (e.g. fer2013)")
     ev.add_argument("data", help="folder-per-class images (DIR/<class>/<images>)")
@@ -65,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         "anger/angry, sadness/sad, happiness/happy, surprised/surprise ... are mapped already",
     )
     ev.add_argument("--drop-classes", nargs="+", default=[], metavar="CLASS", help="data class folders to leave out")
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="predict new images with one or more saved models")
     pr.add_argument(
         "--checkpoint",
@@ -95,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--smooth", type=float, help="videos: smooth each face's probabilities over this many seconds (default 0.5)"
     )
     pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
-    rp = sub.add_parser("report", help="write report.html and report.md for a run folder")
-    rp.add_argument("run_dir")
+
+
+def _summary_parser(sub: argparse._SubParsersAction) -> None:
     sm = sub.add_parser("summary", help="print a Keras-style summary of a model or a checkpoint's model")
     sm.add_argument("model", help="a registry model name, a model.ckpt or a shipped model's name")
     sm.add_argument("--num-classes", type=int, default=6)
@@ -107,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig().backbone_size,
         help="transfer models: the side their backbone sees (0: the image size)",
     )
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a model to ONNX (preprocessing and model card inside)")
     ex.add_argument("checkpoint", help="a model.ckpt or a shipped model's name")
     ex.add_argument("--format", choices=("onnx",), default="onnx", help="the export format")
@@ -123,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="--data's class names mapped onto the model's, as in evaluate: data=model pairs, e.g. anger=angry",
     )
     ex.add_argument("--drop-classes", nargs="+", default=[], metavar="CLASS", help="--data class folders to leave out")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="serve models over HTTP: a REST API and a web page")
     sv.add_argument(
         "--checkpoint",
@@ -138,10 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="most predict requests held at once, received, waiting or being worked on; more get 503 (default 128)",
     )
-    sub.add_parser("models", help="list the registry's architectures and the shipped pretrained models")
-    info = sub.add_parser("info", help="print a checkpoint's model card")
-    info.add_argument("checkpoint", help="a model.ckpt, an exported .onnx or a shipped model's name")
-    return parser
 
 
 def new_output_dir(kind: str) -> str:
@@ -197,119 +218,145 @@ def _remove_empty_folders() -> None:
     remove_empty_created()
 
 
-def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.command == "summary":
-        from ferlab.models.registry import REGISTRY, create_model
-        from ferlab.models.summary import summarize
+# Each handler imports what its command needs inside itself, so that the CLI loads only that
+# (torch, onnxruntime, the web server ...) and `ferlab --help` stays fast.
 
-        if args.model in REGISTRY:
-            net = create_model(args.model, args.num_classes, args.image_size, "none", args.backbone_size)
-            print(summarize(net, args.image_size, args.model))
-            return 0
-        from ferlab.inference.model import TorchRuntime, load_model
 
-        model = load_model(args.model)
-        if not isinstance(model.runtime, TorchRuntime):
-            raise FerlabError(f"{args.model} is an ONNX file; ferlab summary needs a registry name or a .ckpt.")
-        print(summarize(model.runtime.net, model.pre.image_size, model.card["model"]))
+def _summary(args: argparse.Namespace) -> int:
+    from ferlab.models.registry import REGISTRY, create_model
+    from ferlab.models.summary import summarize
+
+    if args.model in REGISTRY:
+        net = create_model(args.model, args.num_classes, args.image_size, "none", args.backbone_size)
+        print(summarize(net, args.image_size, args.model))
         return 0
-    if args.command == "export":
-        from ferlab.apps.export import export_onnx
+    from ferlab.inference.model import TorchRuntime, load_model
 
-        r = export_onnx(
-            args.checkpoint, args.out, args.quantize, args.data, args.max_drop, args.class_map, args.drop_classes
-        )
+    model = load_model(args.model)
+    if not isinstance(model.runtime, TorchRuntime):
+        raise FerlabError(f"{args.model} is an ONNX file; ferlab summary needs a registry name or a .ckpt.")
+    print(summarize(model.runtime.net, model.pre.image_size, model.card["model"]))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ferlab.apps.export import export_onnx
+
+    r = export_onnx(
+        args.checkpoint, args.out, args.quantize, args.data, args.max_drop, args.class_map, args.drop_classes
+    )
+    print(
+        f"ferlab: wrote {r.path} ({r.size_bytes / 1e6:.1f} MB; ONNX Runtime matches PyTorch within "
+        f"{r.max_diff:.1e} on generated inputs)"
+    )
+    if r.int8_path:
+        print(f"ferlab: wrote {r.int8_path} (int8: accuracy {r.accuracy[1]:.4f} against fp32 {r.accuracy[0]:.4f})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ferlab.apps.serve import listen, serve
+    from ferlab.inference.model import load_models
+
+    if args.max_bytes < 1 or args.max_pending < 1 or not 0 < args.port < 65536:
+        raise FerlabError("--max-bytes and --max-pending must be positive and --port between 1 and 65535.")
+    sock = listen(args.host, args.port)
+    serve(load_models(args.checkpoint or []), sock, args.max_bytes, args.max_pending)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ferlab.reporting.cards import models_table
+
+    print(models_table())
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ferlab.inference.model import load_model
+    from ferlab.reporting.cards import describe
+
+    print(describe(load_model(args.checkpoint)))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ferlab.apps.evaluate import evaluate_model
+
+    out = Path(args.out or new_output_dir("evaluate"))
+    m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes)
+    for note in m["notes"]:
+        print(f"ferlab: {note}", file=sys.stderr)
+    for w in m["warnings"]:
+        print(f"ferlab: warning: {w}", file=sys.stderr)
+    print(
+        f"{m['name']} ({m['model']}): accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
+        f"n={m['n']}; chance {m['chance']:.4f}, majority class ({m['majority_class']}) {m['majority']:.4f}), "
+        f"macro-F1 {m['macro_f1']:.4f}, expected calibration error {m['ece']:.4f} "
+        f"(uncalibrated {m['ece_uncalibrated']:.4f}); details in {out}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ferlab.reporting.report import build_report
+
+    html_path, md_path = build_report(args.run_dir)
+    print(f"ferlab: wrote {html_path} and {md_path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ferlab.apps.video import is_video
+
+    out = Path(args.out or new_output_dir("predict"))
+    videos = [i for i in args.inputs if is_video(i)]
+    if videos:
+        return _predict_video(args, videos[0], out)
+    return _predict_images(args, out)
+
+
+def _predict_video(args: argparse.Namespace, video: str, out: Path) -> int:
+    from ferlab.apps.video import run_video
+
+    if len(args.inputs) > 1:
+        raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
+    image_only = (("--labels", args.labels), ("--all-faces", args.all_faces), ("--explain", args.explain))
+    used = [f for f, v in image_only if v]
+    if used:
+        them = "it" if len(used) == 1 else "them"
+        raise FerlabError(f"{', '.join(used)}: for images only; leave {them} out for the video {video}.")
+    smooth = 0.5 if args.smooth is None else args.smooth
+    r = run_video(args.checkpoint or [], video, out, args.every, args.fps, smooth, args.face_crop)
+    for line in r.lines:
+        print(f"ferlab: {line}")
+    return 0
+
+
+def _predict_images(args: argparse.Namespace, out: Path) -> int:
+    from ferlab.apps.predict import run_predict, summary_lines
+
+    video_only = (("--every", args.every), ("--fps", args.fps), ("--smooth", args.smooth))
+    used = [f for f, v in video_only if v is not None]
+    if used:
+        raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
+    p = run_predict(args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, args.explain)
+    if p.skipped:
         print(
-            f"ferlab: wrote {r.path} ({r.size_bytes / 1e6:.1f} MB; ONNX Runtime matches PyTorch within "
-            f"{r.max_diff:.1e} on generated inputs)"
+            f"ferlab: warning: {plural(len(p.skipped), 'input')} skipped (reasons in {out / 'skipped_files.csv'})",
+            file=sys.stderr,
         )
-        if r.int8_path:
-            print(f"ferlab: wrote {r.int8_path} (int8: accuracy {r.accuracy[1]:.4f} against fp32 {r.accuracy[0]:.4f})")
-        return 0
-    if args.command == "serve":
-        from ferlab.apps.serve import listen, serve
-        from ferlab.inference.model import load_models
+    for line in summary_lines(p):
+        print(f"ferlab: {line}")
+    more = len(p.grids) - 1
+    grids = p.grids[0].name + (f" and {plural(more, 'more page')}" if more else "")
+    done = sum(bool(r.preds) for r in p.rows)  # a row no model could predict says why in its own cells
+    print(f"ferlab: {plural(done, 'prediction')} in {out / 'prediction_results.csv'} and {out / grids}")
+    return 0
 
-        if args.max_bytes < 1 or args.max_pending < 1 or not 0 < args.port < 65536:
-            raise FerlabError("--max-bytes and --max-pending must be positive and --port between 1 and 65535.")
-        sock = listen(args.host, args.port)
-        serve(load_models(args.checkpoint or []), sock, args.max_bytes, args.max_pending)
-        return 0
-    if args.command == "models":
-        from ferlab.reporting.cards import models_table
 
-        print(models_table())
-        return 0
-    if args.command == "info":
-        from ferlab.inference.model import load_model
-        from ferlab.reporting.cards import describe
-
-        print(describe(load_model(args.checkpoint)))
-        return 0
-    if args.command == "evaluate":
-        from ferlab.apps.evaluate import evaluate_model
-
-        out = Path(args.out or new_output_dir("evaluate"))
-        m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes)
-        for note in m["notes"]:
-            print(f"ferlab: {note}", file=sys.stderr)
-        for w in m["warnings"]:
-            print(f"ferlab: warning: {w}", file=sys.stderr)
-        print(
-            f"{m['name']} ({m['model']}): accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
-            f"n={m['n']}; chance {m['chance']:.4f}, majority class ({m['majority_class']}) {m['majority']:.4f}), "
-            f"macro-F1 {m['macro_f1']:.4f}, expected calibration error {m['ece']:.4f} "
-            f"(uncalibrated {m['ece_uncalibrated']:.4f}); details in {out}"
-        )
-        return 0
-    if args.command == "report":
-        from ferlab.reporting.report import build_report
-
-        html_path, md_path = build_report(args.run_dir)
-        print(f"ferlab: wrote {html_path} and {md_path}")
-        return 0
-    if args.command == "predict":
-        from ferlab.apps.predict import run_predict, summary_lines
-
-        out = Path(args.out or new_output_dir("predict"))
-        from ferlab.apps.video import is_video, run_video
-
-        videos = [i for i in args.inputs if is_video(i)]
-        if videos:
-            if len(args.inputs) > 1:
-                raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
-            used = [
-                f
-                for f, v in (("--labels", args.labels), ("--all-faces", args.all_faces), ("--explain", args.explain))
-                if v
-            ]
-            if used:
-                them = "it" if len(used) == 1 else "them"
-                raise FerlabError(f"{', '.join(used)}: for images only; leave {them} out for the video {videos[0]}.")
-            smooth = 0.5 if args.smooth is None else args.smooth
-            r = run_video(args.checkpoint or [], videos[0], out, args.every, args.fps, smooth, args.face_crop)
-            for line in r.lines:
-                print(f"ferlab: {line}")
-            return 0
-        video_only = (("--every", args.every), ("--fps", args.fps), ("--smooth", args.smooth))
-        used = [f for f, v in video_only if v is not None]
-        if used:
-            raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
-        p = run_predict(
-            args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, args.explain
-        )
-        if p.skipped:
-            print(
-                f"ferlab: warning: {plural(len(p.skipped), 'input')} skipped (reasons in {out / 'skipped_files.csv'})",
-                file=sys.stderr,
-            )
-        for line in summary_lines(p):
-            print(f"ferlab: {line}")
-        more = len(p.grids) - 1
-        grids = p.grids[0].name + (f" and {plural(more, 'more page')}" if more else "")
-        done = sum(bool(r.preds) for r in p.rows)  # a row no model could predict says why in its own cells
-        print(f"ferlab: {plural(done, 'prediction')} in {out / 'prediction_results.csv'} and {out / grids}")
-        return 0
+def _study(args: argparse.Namespace, argv: list[str]) -> int:
+    """ferlab run and ferlab train."""
     from ferlab.apps.study import run_study
 
     given = overrides_from_args(args)
@@ -324,16 +371,37 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         run_study(cfg, ["ferlab", *argv], resume=run_dir)
         return 0
     cfg = _config(args)
-    models = None
-    if args.command == "train":
-        if args.model:
-            models = [args.model]
-        elif len(cfg.models) == 1:
-            models = cfg.models
-        else:
-            raise FerlabError("ferlab train needs --model NAME (or a --config whose models list names one model).")
+    models = _train_models(args, cfg) if args.command == "train" else None
     run_study(cfg, ["ferlab", *argv], models=models)
     return 0
+
+
+def _train_models(args: argparse.Namespace, cfg: StudyConfig) -> list[str]:
+    """The one model ferlab train trains: --model, or the config's only one."""
+    if args.model:
+        return [args.model]
+    if len(cfg.models) == 1:
+        return cfg.models
+    raise FerlabError("ferlab train needs --model NAME (or a --config whose models list names one model).")
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "summary": _summary,
+    "export": _export,
+    "serve": _serve,
+    "models": _models,
+    "info": _info,
+    "evaluate": _evaluate,
+    "report": _report,
+    "predict": _predict,
+}
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    handler = _COMMANDS.get(args.command)
+    if handler is None:  # run and train
+        return _study(args, argv)
+    return handler(args)
 
 
 if __name__ == "__main__":

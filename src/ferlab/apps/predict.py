@@ -125,25 +125,67 @@ def predict(
 
     Each file is decoded once and prepared for every model, then dropped: memory holds the models' small
     input crops, never a folder of full-size photos; crops are classified in batches as they accumulate."""
-    classes = models[0].classes
-    skipped: list[dict] = []
-    rows: dict[tuple[Path, int], Row] = {}
-    with_face: set[tuple[Path, int]] = set()  # rows some model has a face for (not only a note)
-    pending: dict[str, list[tuple[tuple[Path, int], Decoded]]] = {m.label: [] for m in models}
+    table = RowTable(models, labels, keep_crops)
     max_pixels = max(m.pre.max_pixels for m in models)
+    for f in files:
+        try:
+            image = open_rgb(f, max_pixels)
+            key = file_key(f)
+        except BadImage as e:  # unusable for every model: listed once
+            table.skipped.append({"file": str(f), "model": "", "reason": str(e)})
+            continue
+        except Exception as e:  # noqa: BLE001 - one odd file must never stop a batch
+            reason = f"unreadable ({e.__class__.__name__}: {e})"
+            table.skipped.append({"file": str(f), "model": "", "reason": reason})
+            continue
+        for m in models:
+            table.add(m, f, image, key, all_faces, face_crop)
+    for m in models:
+        table.flush(m)
+    order = {f: i for i, f in enumerate(files)}
+    return sorted(table.rows.values(), key=lambda r: (order[r.file], r.face)), table.skipped
 
-    def truth(f: Path) -> str:
-        if labels is not None:
-            return labels.get(f.name, labels.get(str(f), ""))
-        return spelled_as(f.parent.name, classes) if any(same_class(f.parent.name, c) for c in classes) else ""
 
-    def row_for(f: Path, d: Decoded, taken: set[int]) -> tuple[Path, int]:
+class RowTable:
+    """The rows of a prediction as models add their faces: a face another model found already (IoU >= 0.5)
+    shares its row; crops wait in a per-model batch until 256 are pending."""
+
+    def __init__(self, models: list[Model], labels: dict[str, str] | None, keep_crops: bool):
+        self.classes, self.labels, self.keep_crops = models[0].classes, labels, keep_crops
+        self.rows: dict[tuple[Path, int], Row] = {}
+        self.with_face: set[tuple[Path, int]] = set()  # rows some model has a face for (not only a note)
+        self.pending: dict[str, list[tuple[tuple[Path, int], Decoded]]] = {m.label: [] for m in models}
+        self.skipped: list[dict] = []
+
+    def truth(self, f: Path) -> str:
+        if self.labels is not None:
+            return self.labels.get(f.name, self.labels.get(str(f), ""))
+        parent = f.parent.name
+        return spelled_as(parent, self.classes) if any(same_class(parent, c) for c in self.classes) else ""
+
+    def add(self, m: Model, f: Path, image: Image.Image, key: tuple, all_faces: bool, face_crop: str | None) -> None:
+        try:
+            faces_of_f = m.prepare(image, key=key, all_faces=all_faces, face_crop=face_crop)
+        except NoFace as e:  # readable, but this model's policy skips images without a face
+            self.skipped.append({"file": str(f), "model": m.label, "reason": str(e)})
+            self.rows.setdefault((f, 0), Row(f, 0, None, self.truth(f))).notes[m.label] = str(e)
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. an image too thin to resize: skipped, not fatal
+            self.skipped.append({"file": str(f), "model": m.label, "reason": f"{e.__class__.__name__}: {e}"})
+            return
+        taken: set[int] = set()
+        for d in faces_of_f:
+            self.pending[m.label].append((self.row_for(f, d, taken), d))
+        if len(self.pending[m.label]) >= 256:
+            self.flush(m)
+
+    def row_for(self, f: Path, d: Decoded, taken: set[int]) -> tuple[Path, int]:
         """The file's row for this face: the one whose box another model already found (IoU >= 0.5; models
         with other detectors or crop policies may find other faces, or the same ones in another order), else a
         new row."""
         face = 0
-        while (f, face) in rows:
-            row, noted_only = rows[(f, face)], (f, face) not in with_face
+        while (f, face) in self.rows:
+            row, noted_only = self.rows[(f, face)], (f, face) not in self.with_face
             if face not in taken and (
                 noted_only or row.box == d.box or (row.box and d.box and iou(row.box, d.box) >= 0.5)
             ):
@@ -151,50 +193,20 @@ def predict(
                 break
             face += 1
         taken.add(face)
-        rows.setdefault((f, face), Row(f, face, d.box, truth(f)))
-        with_face.add((f, face))
+        self.rows.setdefault((f, face), Row(f, face, d.box, self.truth(f)))
+        self.with_face.add((f, face))
         return f, face
 
-    def flush(m: Model) -> None:
-        batch = pending[m.label]
+    def flush(self, m: Model) -> None:
+        batch = self.pending[m.label]
         for (key, _), face in zip(batch, m.classify([d for _, d in batch])):
-            rows[key].preds[m.label] = sorted(face.probabilities.items(), key=lambda kv: -kv[1])[:3]
-            if keep_crops:
-                rows[key].crops[m.label] = face.crop
+            row = self.rows[key]
+            row.preds[m.label] = sorted(face.probabilities.items(), key=lambda kv: -kv[1])[:3]
+            if self.keep_crops:
+                row.crops[m.label] = face.crop
             if face.unusual:
-                rows[key].unusual[m.label] = face.unusual
+                row.unusual[m.label] = face.unusual
         batch.clear()
-
-    for f in files:
-        try:
-            image = open_rgb(f, max_pixels)
-            key = file_key(f)
-        except BadImage as e:  # unusable for every model: listed once
-            skipped.append({"file": str(f), "model": "", "reason": str(e)})
-            continue
-        except Exception as e:  # noqa: BLE001 - one odd file must never stop a batch
-            skipped.append({"file": str(f), "model": "", "reason": f"unreadable ({e.__class__.__name__}: {e})"})
-            continue
-        for m in models:
-            try:
-                faces_of_f = m.prepare(image, key=key, all_faces=all_faces, face_crop=face_crop)
-            except NoFace as e:  # readable, but this model's policy skips images without a face
-                skipped.append({"file": str(f), "model": m.label, "reason": str(e)})
-                rows.setdefault((f, 0), Row(f, 0, None, truth(f))).notes[m.label] = str(e)
-                continue
-            except Exception as e:  # noqa: BLE001 - e.g. an image too thin to resize: skipped, not fatal
-                skipped.append({"file": str(f), "model": m.label, "reason": f"{e.__class__.__name__}: {e}"})
-                continue
-            taken: set[int] = set()
-            for d in faces_of_f:
-                pending[m.label].append((row_for(f, d, taken), d))
-            if len(pending[m.label]) >= 256:
-                flush(m)
-    for m in models:
-        flush(m)
-    order = {f: i for i, f in enumerate(files)}
-    ordered = sorted(rows.values(), key=lambda r: (order[r.file], r.face))
-    return ordered, skipped
 
 
 def write_table(rows: list[Row], models: list[Model], path: Path, all_faces: bool) -> None:
@@ -258,29 +270,35 @@ def draw_grid(rows: list[Row], models: list[Model], path: Path, truth: bool) -> 
         if r.box:
             bx, by, bw, bh = (v * scale for v in r.box)
             draw.rectangle([ox + bx, oy + by, ox + bx + bw, oy + by + bh], outline=(255, 220, 0), width=2)
-        name = r.file.name + (f" (face {r.face + 1})" if r.face else "")
-        lines = [(name, COLOURS["unknown"])]
-        if truth:
-            lines.append((f"true: {r.true or '?'}", COLOURS["unknown"]))
-        for m in models:
-            top = r.preds.get(m.label)
-            if not top:
-                lines.append((f"{m.label}: -", COLOURS["none"]))
-                continue
-            verdict = "unknown" if not r.true else ("right" if same_class(top[0][0], r.true) else "wrong")
-            if r.unusual.get(m.label):
-                verdict = "unusual" if verdict == "unknown" else verdict
-            mark = " ?" if r.unusual.get(m.label) else ""
-            label, verdict_text = m.label, f": {top[0][0]} {top[0][1]:.2f}{mark}"
-            while draw.textlength(label + verdict_text, font=font) > PANEL - 12 and len(label) > 6:
-                label = label[:-4] + "..."  # shorten the model's name, never the prediction
-            lines.append((label + verdict_text, COLOURS[verdict]))
+        lines = panel_lines(r, models, truth, draw, font)
         for i, (text, colour) in enumerate(lines):
             while draw.textlength(text, font=font) > PANEL - 12 and len(text) > 4:
                 text = text[:-4] + "..."
             draw.text((x0, y0 + side + 4 + i * LINE), text, fill=colour, font=font)
     with atomic(path) as tmp:
         sheet.save(tmp)
+
+
+def panel_lines(r: Row, models: list[Model], truth: bool, draw: ImageDraw.ImageDraw, font) -> list[tuple[str, tuple]]:
+    """A panel's text lines with their colours: the file (and face), the correct class, each model's answer."""
+    name = r.file.name + (f" (face {r.face + 1})" if r.face else "")
+    lines = [(name, COLOURS["unknown"])]
+    if truth:
+        lines.append((f"true: {r.true or '?'}", COLOURS["unknown"]))
+    for m in models:
+        top = r.preds.get(m.label)
+        if not top:
+            lines.append((f"{m.label}: -", COLOURS["none"]))
+            continue
+        verdict = "unknown" if not r.true else ("right" if same_class(top[0][0], r.true) else "wrong")
+        if r.unusual.get(m.label):
+            verdict = "unusual" if verdict == "unknown" else verdict
+        mark = " ?" if r.unusual.get(m.label) else ""
+        label, verdict_text = m.label, f": {top[0][0]} {top[0][1]:.2f}{mark}"
+        while draw.textlength(label + verdict_text, font=font) > PANEL - 12 and len(label) > 6:
+            label = label[:-4] + "..."  # shorten the model's name, never the prediction
+        lines.append((label + verdict_text, COLOURS[verdict]))
+    return lines
 
 
 def draw_grids(rows: list[Row], models: list[Model], out: Path) -> list[Path]:
@@ -317,6 +335,8 @@ def run_predict(
     face_crop: str | None = None,
     explain: str | None = None,
 ) -> Prediction:
+    """Predict ``inputs`` with every model and write the CSV, the skipped files, the grids (and explanations)
+    into ``out``; every mistake is refused before anything is written."""
     models = load_models(checkpoints)
     if explain:  # refused before anything is read or written
         for m in models:
@@ -324,32 +344,54 @@ def run_predict(
     for w in face_crop_warnings(models, face_crop):
         print(f"ferlab: warning: {w}", file=sys.stderr)
     files = expand_inputs(inputs)
-    known = read_labels(labels) if labels else None
-    if known is not None:
-        for m in models:
-            names = {canonical(c) for c in m.classes}
-            foreign = sorted({v for v in known.values() if v and canonical(v) not in names})
-            if foreign:
-                raise FerlabError(
-                    f"The labels file names classes {m.label} does not know: {', '.join(foreign)} "
-                    f"(it knows {', '.join(m.classes)})."
-                )
-        known = {f: spelled_as(v, models[0].classes) for f, v in known.items()}
+    known = known_labels(labels, models) if labels else None
     rows, skipped = predict(models, files, known, all_faces, face_crop, keep_crops=explain is not None)
     if known is not None:
-        inputs = {r.file for r in rows}
-        unlabelled = len(inputs - {r.file for r in rows if r.true})
-        if unlabelled:
-            print(
-                f"ferlab: warning: {unlabelled} of {len(inputs)} inputs have no label in {labels} (matched by file "
-                "name or path); they are predicted but not scored",
-                file=sys.stderr,
-            )
+        warn_unlabelled(rows, labels)
     if not any(r.preds for r in rows):
         first = skipped[0] if skipped else {"file": "-", "reason": "no input"}
         raise FerlabError(
             f"None of the {len(files)} inputs could be predicted (first: {first['file']}: {first['reason']})."
         )
+    grids = write_outputs(rows, skipped, models, out, all_faces, explain)
+    accuracy = {}
+    for m in models:
+        scored = [r for r in rows if r.true and m.label in r.preds]
+        accuracy[m.label] = (sum(same_class(r.preds[m.label][0][0], r.true) for r in scored), len(scored))
+    unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
+    return Prediction(rows, skipped, models, grids, accuracy, unusual)
+
+
+def known_labels(path: str, models: list[Model]) -> dict[str, str]:
+    """The labels file's classes in the first model's spelling; a class some model does not know is refused."""
+    known = read_labels(path)
+    for m in models:
+        names = {canonical(c) for c in m.classes}
+        foreign = sorted({v for v in known.values() if v and canonical(v) not in names})
+        if foreign:
+            raise FerlabError(
+                f"The labels file names classes {m.label} does not know: {', '.join(foreign)} "
+                f"(it knows {', '.join(m.classes)})."
+            )
+    return {f: spelled_as(v, models[0].classes) for f, v in known.items()}
+
+
+def warn_unlabelled(rows: list[Row], labels: str) -> None:
+    inputs = {r.file for r in rows}
+    unlabelled = len(inputs - {r.file for r in rows if r.true})
+    if unlabelled:
+        print(
+            f"ferlab: warning: {unlabelled} of {len(inputs)} inputs have no label in {labels} (matched by file "
+            "name or path); they are predicted but not scored",
+            file=sys.stderr,
+        )
+
+
+def write_outputs(
+    rows: list[Row], skipped: list[dict], models: list[Model], out: Path, all_faces: bool, explain: str | None
+) -> list[Path]:
+    """prediction_results.csv, skipped_files.csv, the grid pages (and explanations); what an earlier prediction
+    into the same folder left and this one did not write again is removed. Returns the pages."""
     out.mkdir(parents=True, exist_ok=True)
     earlier = {f for pattern in OUTPUTS for f in out.glob(pattern)}  # a former prediction's pictures, if any
     write_table(rows, models, out / "prediction_results.csv", all_faces)
@@ -361,12 +403,7 @@ def run_predict(
         grids += pages
         written |= {*pages, *files}
     remove_stale(out, earlier - written)
-    accuracy = {}
-    for m in models:
-        labelled = [r for r in rows if r.true and m.label in r.preds]
-        accuracy[m.label] = (sum(same_class(r.preds[m.label][0][0], r.true) for r in labelled), len(labelled))
-    unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
-    return Prediction(rows, skipped, models, grids, accuracy, unusual)
+    return grids
 
 
 OUTPUTS = ("prediction_grid*.png", "explanation_grid*.png", "explanations/*.png")  # what a predict writes
@@ -386,10 +423,36 @@ def remove_stale(out: Path, stale: set[Path]) -> None:
 def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -> tuple[list[Path], list[Path]]:
     """explanations/<image>[_face<k>]_<model>.png (the crop beside its heatmap for the predicted class) and
     explanation_grid.png pages (every row: the crop, then each model's heatmap): (the pages, the files)."""
-
     folder = out / "explanations"
     folder.mkdir(exist_ok=True)
-    stems: dict[Path, str] = {}  # a/1.jpg and b/1.jpg: 1 and 1-2, never one overwriting the other
+    stems = unique_stems(rows)
+    maps: dict[tuple[int, str], np.ndarray] = {}
+    files: list[Path] = []
+    for m in models:
+        todo = [(i, r) for i, r in enumerate(rows) if m.label in r.crops]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.label)
+        for k in range(0, len(todo), 32):
+            chunk = todo[k : k + 32]
+            targets = [m.classes.index(r.preds[m.label][0][0]) for _, r in chunk]
+            for (i, r), heat in zip(chunk, heatmaps(m, [r.crops[m.label] for _, r in chunk], targets, method)):
+                maps[(i, m.label)] = overlay(r.crops[m.label], heat)
+                side = np.concatenate([r.crops[m.label], maps[(i, m.label)]], axis=1)
+                stem = stems[r.file] + (f"_face{r.face + 1}" if r.face else "")
+                files.append(folder / f"{stem}_{safe}.png")
+                Image.fromarray(side).resize((side.shape[1] * 2, side.shape[0] * 2)).save(files[-1])
+    pages = []
+    for k in range(0, len(rows), GRID_PANELS):
+        page = k // GRID_PANELS + 1
+        path = out / ("explanation_grid.png" if page == 1 else f"explanation_grid_{page}.png")
+        with atomic(path) as tmp:
+            explanation_page(list(enumerate(rows))[k : k + GRID_PANELS], models, maps).save(tmp)
+        pages.append(path)
+    return pages, files
+
+
+def unique_stems(rows: list[Row]) -> dict[Path, str]:
+    """A file-name stem per input: a/1.jpg and b/1.jpg give 1 and 1-2, never one overwriting the other."""
+    stems: dict[Path, str] = {}
     used: set[str] = set()
     for f in dict.fromkeys(r.file for r in rows):
         stem, n = f.stem, 1
@@ -398,52 +461,31 @@ def explain_rows(rows: list[Row], models: list[Model], out: Path, method: str) -
             stem = f"{f.stem}-{n}"
         stems[f] = stem
         used.add(stem)
-    maps: dict[tuple[int, str], np.ndarray] = {}
-    files: list[Path] = []
-    for m in models:
-        todo = [(i, r) for i, r in enumerate(rows) if m.label in r.crops]
-        for k in range(0, len(todo), 32):
-            chunk = todo[k : k + 32]
-            targets = [m.classes.index(r.preds[m.label][0][0]) for _, r in chunk]
-            for (i, r), heat in zip(chunk, heatmaps(m, [r.crops[m.label] for _, r in chunk], targets, method)):
-                maps[(i, m.label)] = overlay(r.crops[m.label], heat)
-                side = np.concatenate([r.crops[m.label], maps[(i, m.label)]], axis=1)
-                stem = stems[r.file] + (f"_face{r.face + 1}" if r.face else "")
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.label)
-                files.append(folder / f"{stem}_{safe}.png")
-                Image.fromarray(side).resize((side.shape[1] * 2, side.shape[0] * 2)).save(files[-1])
-    pages = []
-    cell = 120
-    for k in range(0, len(rows), GRID_PANELS):
-        chunk = list(enumerate(rows))[k : k + GRID_PANELS]
-        sheet = Image.new("RGB", ((1 + len(models)) * cell + 220, len(chunk) * (cell + 4) + 24), "white")
-        draw = ImageDraw.Draw(sheet)
-        font = ImageFont.load_default(size=12)
+    return stems
+
+
+def explanation_page(
+    chunk: list[tuple[int, Row]], models: list[Model], maps: dict[tuple[int, str], np.ndarray], cell: int = 120
+) -> Image.Image:
+    """One explanation grid page: a row per input, its crop, then each model's heatmap with its prediction."""
+    sheet = Image.new("RGB", ((1 + len(models)) * cell + 220, len(chunk) * (cell + 4) + 24), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=12)
+    for j, m in enumerate(models):
+        draw.text((220 + (j + 1) * cell, 4), m.label[:18], fill=(0, 0, 0), font=font)
+    for row_no, (i, r) in enumerate(chunk):
+        y = 24 + row_no * (cell + 4)
+        name = (r.file.name + (f" face {r.face + 1}" if r.face else ""))[:34]
+        draw.text((4, y + cell // 2 - 6), name, fill=(0, 0, 0), font=font)
+        first = next((r.crops[m.label] for m in models if m.label in r.crops), None)
+        if first is not None:
+            sheet.paste(Image.fromarray(first).resize((cell, cell)), (220, y))
         for j, m in enumerate(models):
-            draw.text((220 + (j + 1) * cell, 4), m.label[:18], fill=(0, 0, 0), font=font)
-        for row_no, (i, r) in enumerate(chunk):
-            y = 24 + row_no * (cell + 4)
-            draw.text(
-                (4, y + cell // 2 - 6),
-                (r.file.name + (f" face {r.face + 1}" if r.face else ""))[:34],
-                fill=(0, 0, 0),
-                font=font,
-            )
-            first = next((r.crops[m.label] for m in models if m.label in r.crops), None)
-            if first is not None:
-                sheet.paste(Image.fromarray(first).resize((cell, cell)), (220, y))
-            for j, m in enumerate(models):
-                if (i, m.label) in maps:
-                    sheet.paste(Image.fromarray(maps[(i, m.label)]).resize((cell, cell)), (220 + (j + 1) * cell, y))
-                    draw.text(
-                        (222 + (j + 1) * cell, y + cell - 14), r.preds[m.label][0][0], fill=(255, 255, 255), font=font
-                    )
-        page = k // GRID_PANELS + 1
-        path = out / ("explanation_grid.png" if page == 1 else f"explanation_grid_{page}.png")
-        with atomic(path) as tmp:
-            sheet.save(tmp)
-        pages.append(path)
-    return pages, files
+            if (i, m.label) in maps:
+                x = 220 + (j + 1) * cell
+                sheet.paste(Image.fromarray(maps[(i, m.label)]).resize((cell, cell)), (x, y))
+                draw.text((x + 2, y + cell - 14), r.preds[m.label][0][0], fill=(255, 255, 255), font=font)
+    return sheet
 
 
 def summary_lines(p: Prediction) -> list[str]:

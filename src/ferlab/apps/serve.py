@@ -189,51 +189,224 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if ctype == "multipart/form-data":
-
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, receive).form(max_files=MAX_IMAGES, max_fields=MAX_FIELDS)
-        except StarletteHTTPException as e:  # Starlette's parser refuses with 400 and its own words
-            detail = str(e.detail)
-            if detail.startswith("Too many files"):
-                raise Refused(413, f"More than {MAX_IMAGES} images in one request (the limit).") from None
-            if detail.startswith("Too many fields"):
-                raise Refused(413, f"More than {MAX_FIELDS} form fields in one request.") from None
-            reason = detail[:1].lower() + detail[1:].rstrip(".")
-            raise Refused(422, f"The multipart form could not be read ({reason}).") from None
-        try:
-            files = [v for k, v in form.multi_items() if k == "image" and hasattr(v, "read")]
-            uploads = [Upload(await f.read(), f"The uploaded file '{f.filename or 'image'}'") for f in files]
-            options.update({k: v for k, v in form.multi_items() if not hasattr(v, "read")})
-        finally:
-            await form.close()  # large parts spool to temporary files: gone with the request
-        if not uploads:
-            raise Refused(422, "The form has no file in its 'image' field.")
-        return uploads, options
+        return await _parse_form(request, body, options)
     if ctype == "application/json":
-        try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            raise Refused(422, "The JSON body is not valid JSON.") from None
-        if not isinstance(doc, dict):
-            raise Refused(422, 'The JSON body must be an object such as {"image": "<base64>"}.')
-        if "images" in doc:
-            if not isinstance(doc["images"], list) or not doc["images"]:
-                raise Refused(422, "'images' must be a non-empty list of base64 strings.")
-            uploads = [_base64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
-        elif "image" in doc:
-            uploads = [_base64(doc["image"], "image")]
-        else:
-            raise Refused(422, 'The JSON body needs an "image" (base64) or "images" (a list of them).')
-        options.update({k: v for k, v in doc.items() if k not in ("image", "images")})
-        return uploads, options
+        return _parse_json(body, options)
     if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-        if not body:
-            raise Refused(422, "The request has no body; send an image.")
-        return [Upload(body, "The request body")], options
+        return _parse_image(body, options)
     raise Refused(415, f"Unsupported content type {ctype}; send multipart/form-data, JSON or an image body.")
+
+
+def _form_refused(e: StarletteHTTPException) -> Refused:
+    """Starlette's refusal of a multipart form (400 in its own words) as ours."""
+    detail = str(e.detail)
+    if detail.startswith("Too many files"):
+        return Refused(413, f"More than {MAX_IMAGES} images in one request (the limit).")
+    if detail.startswith("Too many fields"):
+        return Refused(413, f"More than {MAX_FIELDS} form fields in one request.")
+    reason = detail[:1].lower() + detail[1:].rstrip(".")
+    return Refused(422, f"The multipart form could not be read ({reason}).")
+
+
+async def _parse_form(request: Request, body: bytes, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
+    """A multipart form: the files of its ``image`` field, its other fields as options."""
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=MAX_IMAGES, max_fields=MAX_FIELDS)
+    except StarletteHTTPException as e:  # Starlette's parser refuses with 400 and its own words
+        raise _form_refused(e) from None
+    try:
+        files = [v for k, v in form.multi_items() if k == "image" and hasattr(v, "read")]
+        uploads = [Upload(await f.read(), f"The uploaded file '{f.filename or 'image'}'") for f in files]
+        options.update({k: v for k, v in form.multi_items() if not hasattr(v, "read")})
+    finally:
+        await form.close()  # large parts spool to temporary files: gone with the request
+    if not uploads:
+        raise Refused(422, "The form has no file in its 'image' field.")
+    return uploads, options
+
+
+def _parse_json(body: bytes, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
+    """A JSON object: its base64 ``image`` or ``images``, its other fields as options."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise Refused(422, "The JSON body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise Refused(422, 'The JSON body must be an object such as {"image": "<base64>"}.')
+    if "images" in doc:
+        if not isinstance(doc["images"], list) or not doc["images"]:
+            raise Refused(422, "'images' must be a non-empty list of base64 strings.")
+        uploads = [_base64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
+    elif "image" in doc:
+        uploads = [_base64(doc["image"], "image")]
+    else:
+        raise Refused(422, 'The JSON body needs an "image" (base64) or "images" (a list of them).')
+    options.update({k: v for k, v in doc.items() if k not in ("image", "images")})
+    return uploads, options
+
+
+def _parse_image(body: bytes, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
+    """A raw image body."""
+    if not body:
+        raise Refused(422, "The request has no body; send an image.")
+    return [Upload(body, "The request body")], options
+
+
+@dataclass
+class Server:
+    """What the handlers of one app share, made once by :func:`create_app` and kept as ``app.state.server``."""
+
+    by_name: dict[str, Model]  # the models by label
+    default: str  # the first model's label
+    batchers: dict[str, Batcher]
+    admitted: asyncio.Semaphore
+    decoding: asyncio.Semaphore
+    max_bytes: int
+    max_pixels: int
+    max_pending: int
+    pending: int = 0  # predict requests held now: receiving their body, waiting at the door or in the works
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def one_sentence(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def page() -> str:
+    return (resources.files("ferlab.apps") / "web" / "index.html").read_text()
+
+
+async def healthz(request: Request) -> dict:
+    server = _server(request)
+    return {"status": "ok", "models": list(server.by_name), "default": server.default}
+
+
+async def list_models(request: Request) -> dict:
+    server = _server(request)
+    return {
+        "default": server.default,
+        "models": [{**summary(m, paths=False), "card": public(m.card, paths=False)} for m in server.by_name.values()],
+    }
+
+
+async def predict(request: Request) -> dict:
+    """Each face's box, label and probabilities for one image (or several: ``results``)."""
+    server = _server(request)
+    max_pending = server.max_pending
+    if server.pending >= max_pending:  # refused before its body is read: held bodies stay under a bound
+        raise Refused(
+            503,
+            f"The server is busy ({max_pending} request{' is' if max_pending == 1 else 's are'} ahead); "
+            "try again shortly.",
+            {"Retry-After": "1"},
+        )
+    server.pending += 1
+    try:
+        return await answer(request, server)
+    except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log
+        return Response(status_code=499)
+    finally:
+        server.pending -= 1
+
+
+Prepared = list[tuple[tuple[int, int], str, list[Decoded]]]  # per image: its size, crop policy and face crops
+
+
+def prepare(uploads: list[Upload], model: Model, all_faces: bool, max_pixels: int) -> Prepared:
+    """Decode each upload and find its faces (in a worker thread)."""
+    out, pixels = [], 0
+    for up in uploads:
+        im = _open(up, max_pixels, pixels)  # the pixel limit holds for the whole request
+        pixels += im.width * im.height
+        policy = crop_policy(model.pre, im.size)
+        try:
+            crops = model.prepare(im, all_faces=all_faces)
+        except NoFace:
+            crops = []
+        out.append((im.size, policy, crops))  # the image itself is dropped here
+    return out
+
+
+async def answer(request: Request, server: Server) -> dict:
+    t0 = time.perf_counter()
+    uploads, options = await parse(request, server.max_bytes)
+    if len(uploads) > MAX_IMAGES:
+        raise Refused(413, f"{len(uploads)} images in one request; the limit is {MAX_IMAGES}.")
+    name = str(options.get("model") or server.default)
+    if name not in server.by_name:
+        raise Refused(404, f"No model called '{name}' is served here; served: {', '.join(server.by_name)}.")
+    model = server.by_name[name]
+    all_faces = _flag(options.get("all_faces", ALL_FACES), "all_faces")
+    async with server.admitted:  # waiting here holds no worker thread, so /healthz always answers
+        if await request.is_disconnected():  # gone while it waited: its turn goes to the next request
+            raise Refused(499, "The client closed the connection before its turn.")
+        async with server.decoding:
+            prepared = await run_in_threadpool(prepare, uploads, model, all_faces, server.max_pixels)
+        future = server.batchers[name].submit([c for _, _, crops in prepared for c in crops])
+        faces: list[Face] = await asyncio.wrap_future(future)
+    results = _results(prepared, faces)
+    elapsed = round(1000 * (time.perf_counter() - t0), 2)
+    if len(results) == 1:
+        return {"model": name, **results[0], "elapsed_ms": elapsed}
+    return {"model": name, "results": results, "elapsed_ms": elapsed}
+
+
+def _results(prepared: Prepared, faces: list[Face]) -> list[dict[str, Any]]:
+    """Each image's answer: its size, its faces (a whole-image box where there was none) and crop policy."""
+    results, k = [], 0
+    for (width, height), policy, crops in prepared:
+        mine = faces[k : k + len(crops)]
+        k += len(crops)
+        result: dict[str, Any] = {
+            "image": {"width": width, "height": height},
+            "faces": [{**f.as_dict(), "box": list(f.box) if f.box else [0, 0, width, height]} for f in mine],
+            "face_crop": policy,
+        }
+        if not crops:
+            result["note"] = "no face found"
+        elif crops[0].note:
+            result["note"] = crops[0].note
+        results.append(result)
+    return results
+
+
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "model": {"type": "string"},
+                        "all_faces": {"type": "boolean"},
+                    },
+                    "required": ["image"],
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "description": "base64, optionally a data: URL"},
+                        "images": {"type": "array", "items": {"type": "string"}},
+                        "model": {"type": "string"},
+                        "all_faces": {"type": "boolean"},
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "required": True,
+    }
+}
 
 
 def create_app(
@@ -242,142 +415,33 @@ def create_app(
     """The server's app: ``models`` by label, the first the default; at most ``max_pending`` predict requests
     held at once (each may hold up to ``max_bytes`` of body while it waits), the next ones refused with 503."""
     by_name = {m.label: m for m in models}
-    batchers = {name: Batcher(m) for name, m in by_name.items()}
-    # at most IN_FLIGHT requests are past the door at once (decoding, detecting or waiting for their batch); the
-    # rest wait at the door in arrival order. Unbounded, the backlog gathered in front of the classifier and a
-    # request could wait for a whole long batch: at 50 clients p99 was 1.5-1.9x p50 rather than 1.2-1.3x.
-    admitted = asyncio.Semaphore(IN_FLIGHT)
-    # one request decoding and detecting per core (detection runs on one thread): at 50 clients on 2 cores this
-    # served 69-82 requests/s where 4 at once served 64-74, side by side (README); at most 4, as before, since
-    # decoding a large image takes memory (and a container's CPU quota may be below the cores it sees)
-    decoding = asyncio.Semaphore(min(4, cores()))
-    pending = [0]  # predict requests held now: receiving their body, waiting at the door or in the works
-    default = models[0].label
     app = FastAPI(
         title="ferlab",
         description="Facial-emotion classification: upload a photo, get each face's box and emotion probabilities.",
         version="1",
     )
-
-    @app.exception_handler(HTTPException)
-    async def one_sentence(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> str:
-        return (resources.files("ferlab.apps") / "web" / "index.html").read_text()
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "models": list(by_name), "default": default}
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {
-            "default": default,
-            "models": [{**summary(m, paths=False), "card": public(m.card, paths=False)} for m in by_name.values()],
-        }
-
-    @app.post(
-        "/v1/predict",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                                "model": {"type": "string"},
-                                "all_faces": {"type": "boolean"},
-                            },
-                            "required": ["image"],
-                        }
-                    },
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "image": {"type": "string", "description": "base64, optionally a data: URL"},
-                                "images": {"type": "array", "items": {"type": "string"}},
-                                "model": {"type": "string"},
-                                "all_faces": {"type": "boolean"},
-                            },
-                        }
-                    },
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                },
-                "required": True,
-            }
-        },
+    app.state.server = Server(
+        by_name=by_name,
+        default=models[0].label,
+        batchers={name: Batcher(m) for name, m in by_name.items()},
+        # at most IN_FLIGHT requests are past the door at once (decoding, detecting or waiting for their batch);
+        # the rest wait at the door in arrival order. Unbounded, the backlog gathered in front of the classifier
+        # and a request could wait for a whole long batch: at 50 clients p99 was 1.5-1.9x p50 rather than
+        # 1.2-1.3x.
+        admitted=asyncio.Semaphore(IN_FLIGHT),
+        # one request decoding and detecting per core (detection runs on one thread): at 50 clients on 2 cores
+        # this served 69-82 requests/s where 4 at once served 64-74, side by side (README); at most 4, as before,
+        # since decoding a large image takes memory (and a container's CPU quota may be below the cores it sees)
+        decoding=asyncio.Semaphore(min(4, cores())),
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        max_pending=max_pending,
     )
-    async def predict(request: Request) -> dict:
-        """Each face's box, label and probabilities for one image (or several: ``results``)."""
-        if pending[0] >= max_pending:  # refused before its body is read: held bodies stay under a bound
-            raise Refused(
-                503,
-                f"The server is busy ({max_pending} request{' is' if max_pending == 1 else 's are'} ahead); "
-                "try again shortly.",
-                {"Retry-After": "1"},
-            )
-        pending[0] += 1
-        try:
-            return await answer(request)
-        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log
-            return Response(status_code=499)
-        finally:
-            pending[0] -= 1
-
-    async def answer(request: Request) -> dict:
-        t0 = time.perf_counter()
-        uploads, options = await parse(request, max_bytes)
-        if len(uploads) > MAX_IMAGES:
-            raise Refused(413, f"{len(uploads)} images in one request; the limit is {MAX_IMAGES}.")
-        name = str(options.get("model") or default)
-        if name not in by_name:
-            raise Refused(404, f"No model called '{name}' is served here; served: {', '.join(by_name)}.")
-        model = by_name[name]
-        all_faces = _flag(options.get("all_faces", ALL_FACES), "all_faces")
-
-        def prepare() -> list[tuple[tuple[int, int], str, list[Decoded]]]:
-            out, pixels = [], 0
-            for up in uploads:
-                im = _open(up, max_pixels, pixels)  # the pixel limit holds for the whole request
-                pixels += im.width * im.height
-                policy = crop_policy(model.pre, im.size)
-                try:
-                    crops = model.prepare(im, all_faces=all_faces)
-                except NoFace:
-                    crops = []
-                out.append((im.size, policy, crops))  # the image itself is dropped here
-            return out
-
-        async with admitted:  # waiting here holds no worker thread, so /healthz always answers
-            if await request.is_disconnected():  # gone while it waited: its turn goes to the next request
-                raise Refused(499, "The client closed the connection before its turn.")
-            async with decoding:
-                prepared = await run_in_threadpool(prepare)
-            future = batchers[name].submit([c for _, _, crops in prepared for c in crops])
-            faces: list[Face] = await asyncio.wrap_future(future)
-        results, k = [], 0
-        for (width, height), policy, crops in prepared:
-            mine = faces[k : k + len(crops)]
-            k += len(crops)
-            result: dict[str, Any] = {
-                "image": {"width": width, "height": height},
-                "faces": [{**f.as_dict(), "box": list(f.box) if f.box else [0, 0, width, height]} for f in mine],
-                "face_crop": policy,
-            }
-            if not crops:
-                result["note"] = "no face found"
-            elif crops[0].note:
-                result["note"] = crops[0].note
-            results.append(result)
-        elapsed = round(1000 * (time.perf_counter() - t0), 2)
-        if len(results) == 1:
-            return {"model": name, **results[0], "elapsed_ms": elapsed}
-        return {"model": name, "results": results, "elapsed_ms": elapsed}
-
+    app.add_exception_handler(HTTPException, one_sentence)
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(page)
+    app.get("/healthz")(healthz)
+    app.get("/v1/models")(list_models)
+    app.post("/v1/predict", openapi_extra=PREDICT_OPENAPI)(predict)
     return app
 
 

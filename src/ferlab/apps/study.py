@@ -253,8 +253,48 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         return None
     write_csv(out / "epochs.csv", fit.epochs, EPOCH_COLUMNS)
 
-    # calibration and the out-of-distribution statistics come from the validation split, as the epoch did
-    train, val, test = data.splits["train"], data.splits["val"], data.splits["test"]
+    calib, unusual, train_acc_eval = validate(name, net, data, fit, cfg.train.seed)
+    t = calib["temperature"]
+    card = model_card(data, fit, calib, unusual, train_acc_eval, cfg)
+    # the test split is scored from the saved model card, through the one inference path `ferlab evaluate` takes
+    save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
+    probs, labels, files = score_test(out / "model.ckpt", data.splits["test"])
+    m = score_and_record(
+        probs,
+        labels,
+        files,
+        data.classes,
+        out,
+        name,
+        model=name,
+        best_epoch=fit.best_epoch,
+        epochs_run=len(fit.epochs),
+        fit_seconds=round(fit.seconds, 2),
+        precision=fit.precision,
+        precision_note=fit.precision_note,
+        train_acc=fit.train_acc,
+        train_acc_eval=round(train_acc_eval, 6),
+        val_acc=fit.best_val_acc,
+        temperature=t,
+    )
+    card["test_metrics"] = {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")}
+    save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
+    row = comparison_row(name, net, fit, train_acc_eval, m)
+    write_text(out / "row.json", json.dumps(row))  # last: its presence marks the model finished
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    say(
+        f"ferlab: {name}: test accuracy {m['accuracy']:.3f} (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
+        f"n={m['n']}), best epoch {fit.best_epoch} of {len(fit.epochs)}, {fit.seconds:.0f} s"
+    )
+    return Trained(name, row, fit)
+
+
+def validate(name: str, net: Net, data: Data, fit: FitResult, seed: int) -> tuple[dict, dict, float]:
+    """What the validation and training splits say about the chosen weights: the calibration (temperature) and
+    the out-of-distribution statistics (from validation, as the epoch was chosen), and the training split's
+    accuracy in eval mode."""
+    train, val = data.splits["train"], data.splits["val"]
     val_logits = run_batches(net, val.images)
     calib = calibration(val_logits, val.labels)
     t = calib["temperature"]
@@ -266,12 +306,17 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         list(train.images.permute(0, 2, 3, 1).numpy()),
         list(val.images.permute(0, 2, 3, 1).numpy()),
         calibrated(val_logits, t),
-        seed=cfg.train.seed,
+        seed=seed,
     )
     # the overfitting gap, measured fairly: the training split in eval mode with the chosen weights (the
     # epoch table's training accuracy ran with dropout and augmentation on, and over a moving model)
     train_logits = fit.train_logits if fit.train_logits is not None else run_batches(net, train.images)
-    train_acc_eval = float((train_logits.argmax(1) == train.labels).float().mean())
+    return calib, unusual, float((train_logits.argmax(1) == train.labels).float().mean())
+
+
+def model_card(data: Data, fit: FitResult, calib: dict, unusual: dict, train_acc_eval: float, cfg: StudyConfig) -> dict:
+    """What the checkpoint tells about how its model was made (the test metrics join it once scored)."""
+    train, val = data.splits["train"], data.splits["val"]
     card = {
         "data": {
             "description": data.description,
@@ -296,30 +341,11 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     }
     if "FER2013" in data.description.upper():
         card["license"] = FER2013_LICENSE
-    # the test split is scored from the saved model card, through the one inference path `ferlab evaluate` takes
-    save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
-    probs, labels, files = score_test(out / "model.ckpt", test)
-    m = score_and_record(
-        probs,
-        labels,
-        files,
-        data.classes,
-        out,
-        name,
-        model=name,
-        best_epoch=fit.best_epoch,
-        epochs_run=len(fit.epochs),
-        fit_seconds=round(fit.seconds, 2),
-        precision=fit.precision,
-        precision_note=fit.precision_note,
-        train_acc=fit.train_acc,
-        train_acc_eval=round(train_acc_eval, 6),
-        val_acc=fit.best_val_acc,
-        temperature=t,
-    )
-    card["test_metrics"] = {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")}
-    save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
-    row = {
+    return card
+
+
+def comparison_row(name: str, net: Net, fit: FitResult, train_acc_eval: float, m: dict) -> dict:
+    return {
         "model": name,
         "parameters": param_counts(net)[0],
         "epochs_run": len(fit.epochs),
@@ -332,14 +358,6 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         "test_ci95_high": round(m["ci95"][1], 4),
         "n_test": m["n"],
     }
-    write_text(out / "row.json", json.dumps(row))  # last: its presence marks the model finished
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(state_dir, ignore_errors=True)
-    say(
-        f"ferlab: {name}: test accuracy {m['accuracy']:.3f} (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
-        f"n={m['n']}), best epoch {fit.best_epoch} of {len(fit.epochs)}, {fit.seconds:.0f} s"
-    )
-    return Trained(name, row, fit)
 
 
 def score_test(checkpoint: Path, test: ImageSet) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -484,17 +502,7 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         expand_inputs([cfg.predict_dir])
     plan = units(cfg)
     first = open_data(cfg, (plan[0][0], cfg.folds) if cfg.folds else None)
-    left_out: list[dict] = []
-    for name in list(models):  # weights are fetched before any run folder exists: a failed start leaves nothing
-        try:
-            build(name, first, cfg, cfg.train.seed)
-        except FerlabError as e:
-            if len(models) == 1 or not REGISTRY[name].transfer:
-                raise
-            # the rest of the study still stands without a transfer model whose weights cannot be had
-            warn(f"{name} left out of this study: {e}")
-            left_out.append({"model": name, "reason": str(e)})
-            models.remove(name)
+    left_out = leave_out_unavailable(models, first, cfg)
     if is_distributed(cfg.train) and is_rank_zero():  # every rank must train in the precision rank 0 chooses
         for name in models:
             size, batch = first.pre.image_size, cfg.train.batch_size
@@ -502,40 +510,12 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
             share(name, size, batch, choice)
     run_dir = place_run(cfg, models, resume)
     if is_rank_zero():
-        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        write_text(run_dir / "command.txt", shlex.join(argv) + "\n")
-        set_status(run_dir, "running", pid=os.getpid())
-        if first.skipped:
-            n = sum(len(s) for s in first.splits.values())
-            warn(
-                f"skipped {len(first.skipped)} of {n + len(first.skipped)} files that cannot be used "
-                f"(reasons in {unit_dir(run_dir, cfg, *plan[0]) / 'skipped_files.csv'})"
-            )
-        counts = ", ".join(f"{s} {len(v)}" for s, v in first.splits.items())
-        say(
-            f"ferlab: {first.description}: {len(first.classes)} classes ({', '.join(first.classes)}); {counts}; "
-            f"{first.split_method}"
-        )
+        start_run(run_dir, cfg, argv, first, unit_dir(run_dir, cfg, *plan[0]))
     try:
         results = {}
         for fold, seed in plan:
-            where = unit_dir(run_dir, cfg, fold, seed)
-            if fold is not None or len(cfg.seeds) > 1:
-                if (where / "run.json").is_file():
-                    say(f"ferlab: {where.relative_to(run_dir)} finished in an earlier run; not computed again")
-                    results[(fold, seed)] = where
-                    continue
-                say(
-                    f"ferlab: {where.relative_to(run_dir)}: "
-                    + (f"fold {fold + 1} of {cfg.folds}" if fold is not None else "")
-                    + (f", seed {seed}" if len(cfg.seeds) > 1 else "")
-                )
-                if is_rank_zero():
-                    where.mkdir(parents=True, exist_ok=True)
-            data = first if (fold, seed) == plan[0] or fold is None else open_data(cfg, (fold, cfg.folds))
-            unit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-            run_split(unit_cfg, data, where, models, left_out)
-            results[(fold, seed)] = where
+            data = first if (fold, seed) == plan[0] else None
+            results[(fold, seed)] = run_unit(run_dir, cfg, models, left_out, (fold, seed), data)
         if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
             summarize_runs(run_dir, cfg, results)
     except BaseException as e:
@@ -546,6 +526,71 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     set_status(run_dir, "finished", wall_seconds=round(time.perf_counter() - t0, 2))
     say(f"ferlab: run folder {run_dir} ({time.perf_counter() - t0:.0f} s)")
     return run_dir
+
+
+def leave_out_unavailable(models: list[str], data: Data, cfg: StudyConfig) -> list[dict]:
+    """Build every model once before any run folder exists (weights are fetched now: a failed start leaves
+    nothing); a transfer model whose weights cannot be had leaves the study (removed from ``models``), which
+    still stands without it. Returns what was left out and why."""
+    left_out: list[dict] = []
+    for name in list(models):
+        try:
+            build(name, data, cfg, cfg.train.seed)
+        except FerlabError as e:
+            if len(models) == 1 or not REGISTRY[name].transfer:
+                raise
+            warn(f"{name} left out of this study: {e}")
+            left_out.append({"model": name, "reason": str(e)})
+            models.remove(name)
+    return left_out
+
+
+def start_run(run_dir: Path, cfg: StudyConfig, argv: list[str], first: Data, first_dir: Path) -> None:
+    """The run folder's record of what was asked (config.yaml re-runs it) and the first split, said once."""
+    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(run_dir / "command.txt", shlex.join(argv) + "\n")
+    set_status(run_dir, "running", pid=os.getpid())
+    if first.skipped:
+        n = sum(len(s) for s in first.splits.values())
+        warn(
+            f"skipped {len(first.skipped)} of {n + len(first.skipped)} files that cannot be used "
+            f"(reasons in {first_dir / 'skipped_files.csv'})"
+        )
+    counts = ", ".join(f"{s} {len(v)}" for s, v in first.splits.items())
+    say(
+        f"ferlab: {first.description}: {len(first.classes)} classes ({', '.join(first.classes)}); {counts}; "
+        f"{first.split_method}"
+    )
+
+
+def run_unit(
+    run_dir: Path,
+    cfg: StudyConfig,
+    models: list[str],
+    left_out: list[dict],
+    unit: tuple[int | None, int],
+    data: Data | None,
+) -> Path:
+    """One study of the run (a fold and a seed) into its folder, unless an earlier run of it finished it;
+    ``data``: the split when it is already open."""
+    fold, seed = unit
+    where = unit_dir(run_dir, cfg, fold, seed)
+    if fold is not None or len(cfg.seeds) > 1:
+        if (where / "run.json").is_file():
+            say(f"ferlab: {where.relative_to(run_dir)} finished in an earlier run; not computed again")
+            return where
+        say(
+            f"ferlab: {where.relative_to(run_dir)}: "
+            + (f"fold {fold + 1} of {cfg.folds}" if fold is not None else "")
+            + (f", seed {seed}" if len(cfg.seeds) > 1 else "")
+        )
+        if is_rank_zero():
+            where.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = open_data(cfg, (fold, cfg.folds) if fold is not None else None)
+    unit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    run_split(unit_cfg, data, where, models, left_out)
+    return where
 
 
 def place_run(cfg: StudyConfig, models: list[str], resume: Path | None) -> Path:

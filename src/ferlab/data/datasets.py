@@ -18,7 +18,17 @@ from ferlab.core.config import DataConfig
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_csv
 from ferlab.data import faces
-from ferlab.data.images import IMAGE_SUFFIXES, BadImage, Preprocess, decode_many, detect, file_key, open_rgb, to_tensor
+from ferlab.data.images import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    Decoded,
+    Preprocess,
+    decode_many,
+    detect,
+    file_key,
+    open_rgb,
+    to_tensor,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -256,16 +266,49 @@ def load_data(
 
     With ``fold=(k, K)``: test is the k-th (0-based) of K stratified grouped folds, and validation is carved,
     by group again, from the other folds (``cfg.split``'s train:val proportion)."""
-    root = Path(os.path.abspath(Path(cfg.data).expanduser()))
+    root = _data_root(cfg.data)
+    pattern = _group_pattern(cfg.group_by)
+    given, presplit = _given_records(root, cfg, fold)
+    classes = _classes(given, root)
+    records = [r for recs in given.values() for r in recs]
+    pre, ok, skipped = _decode(records, {r.file for r in given["train"]}, cfg)
+    given, missing, duplicates = _arrange(given, ok, classes, pattern, cfg, seed, fold)
+    _check_splits(given, classes, pattern, cfg)
+    pre = survey([r.file for r in given["train"]], pre, seed=seed)
+    splits = {s: _image_set(given[s], ok, classes, pre.image_size) for s in SPLITS}
+    boxes = {f: d.box for f, d in ok.items() if d.box is not None}
+    method = _split_method(cfg, presplit, missing, fold, pattern, records, duplicates)
+    manifest = [r for s in SPLITS for r in given[s]]
+    return Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes)
+
+
+def _image_set(records: list[Record], ok: dict[str, Decoded], classes: list[str], size: int) -> ImageSet:
+    return ImageSet(
+        to_tensor([ok[r.file].image for r in records], size),
+        torch.tensor([classes.index(r.cls) for r in records], dtype=torch.long),
+        [r.file for r in records],
+    )
+
+
+def _data_root(data: str | None) -> Path:
+    root = Path(os.path.abspath(Path(data).expanduser()))
     if not root.is_dir():
         state = "is a file, not a folder" if root.exists() else "does not exist"
         raise FerlabError(f"The data folder {root} {state}; pass a folder of class sub-folders.")
-    pattern = None
-    if cfg.group_by:
-        try:
-            pattern = re.compile(cfg.group_by)
-        except re.error as e:
-            raise FerlabError(f"--group-by '{cfg.group_by}' is not a valid regular expression ({e}).") from None
+    return root
+
+
+def _group_pattern(group_by: str | None) -> re.Pattern[str] | None:
+    if not group_by:
+        return None
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise FerlabError(f"--group-by '{group_by}' is not a valid regular expression ({e}).") from None
+
+
+def _given_records(root: Path, cfg: DataConfig, fold: tuple[int, int] | None) -> tuple[dict[str, list[Record]], bool]:
+    """The records of each split the layout gives (``DIR/<class>`` is all train), and whether it is pre-split."""
     presplit = (root / "train").is_dir() and any((root / s).is_dir() for s in ("val", "test"))
     given: dict[str, list[Record]] = {}
     if presplit:
@@ -281,7 +324,11 @@ def load_data(
     check_drop(root / "train" if presplit else root, cfg.drop_classes, root)
     if cfg.test_dir:
         given["test"] = scan(Path(os.path.abspath(Path(cfg.test_dir).expanduser())), cfg.drop_classes, "test")
+    return given, presplit
 
+
+def _classes(given: dict[str, list[Record]], root: Path) -> list[str]:
+    """Training's class folders; every other split must use the same ones."""
     classes = sorted({r.cls for r in given["train"]})
     if len(classes) < 2:
         raise FerlabError(
@@ -295,12 +342,17 @@ def load_data(
                 f"The {s} set has classes that training does not: {', '.join(extra)}; "
                 "use the same class folders in every split."
             )
+    return classes
 
+
+def _decode(
+    records: list[Record], train_files: set[str], cfg: DataConfig
+) -> tuple[Preprocess, dict[str, Decoded], list[tuple[str, str]]]:
+    """Every file decoded once: the preprocessing (grayscale when ``auto`` finds every training image grey), the
+    usable files' decoded images by file, and the skipped files with their reasons."""
     pre = preprocess_of(cfg)
-    records = [r for recs in given.values() for r in recs]
     decoded, reasons = decode_many([r.file for r in records], pre)
     if cfg.grayscale == "auto":
-        train_files = {r.file for r in given["train"]}
         train_decoded = [d for r, d in zip(records, decoded) if d is not None and r.file in train_files]
         if train_decoded and all(d.gray for d in train_decoded):
             # prediction will turn colour photos into what the model saw; the grayscale training images decode
@@ -312,41 +364,74 @@ def load_data(
                 decoded[i], reasons[i] = d, w
     skipped = [(r.file, why) for r, why in zip(records, reasons) if why]
     ok = {r.file: d for r, d in zip(records, decoded) if d is not None}
+    return pre, ok, skipped
+
+
+def _arrange(
+    given: dict[str, list[Record]],
+    ok: dict[str, Decoded],
+    classes: list[str],
+    pattern: re.Pattern[str] | None,
+    cfg: DataConfig,
+    seed: int,
+    fold: tuple[int, int] | None,
+) -> tuple[dict[str, list[Record]], list[str], int]:
+    """The usable records of every split: the ones the layout gives, and the splits it does not give carved
+    from the training pool. Returns them, the splits that were carved, and how many files joined a duplicate."""
+    given = {s: [r for r in recs if r.file in ok] for s, recs in given.items()}
     for s, recs in given.items():
         for r in recs:
             r.split = s
-        given[s] = [r for r in recs if r.file in ok]
-
-    # make the splits the layout does not provide, from the training pool
     missing = [s for s in SPLITS if s not in given]
-    duplicates = 0
-    if missing:
-        pool = given["train"]
-        wanted = ["train", *missing]
+    if not missing:
+        return given, missing, 0
+    duplicates = _carve(given["train"], missing, classes, pattern, cfg, seed, fold)
+    return {s: [r for recs in given.values() for r in recs if r.split == s] for s in SPLITS}, missing, duplicates
+
+
+def _carve(
+    pool: list[Record],
+    missing: list[str],
+    classes: list[str],
+    pattern: re.Pattern[str] | None,
+    cfg: DataConfig,
+    seed: int,
+    fold: tuple[int, int] | None,
+) -> int:
+    """Assign each training-pool record its split (``missing`` ones carved out, or a fold's test and the rest's
+    train/val), byte-identical files kept in one group; returns how many files joined a duplicate's group."""
+    wanted = ["train", *missing]
+    labels = np.array([classes.index(r.cls) for r in pool], int)
+    groups = [group_of(Path(r.file).name, pattern) for r in pool]
+    duplicates = merge_duplicates([r.file for r in pool], groups)
+    for r, g in zip(pool, groups):
+        r.group = g
+    if fold is None:
         fractions = [cfg.split[SPLITS.index(s)] for s in wanted]
-        labels = np.array([classes.index(r.cls) for r in pool], int)
-        groups = [group_of(Path(r.file).name, pattern) for r in pool]
-        duplicates = merge_duplicates([r.file for r in pool], groups)
-        for r, g in zip(pool, groups):
-            r.group = g
-        if fold is not None:
-            k, n_folds = fold
-            test = assign_folds(labels, groups, n_folds, len(classes), classes, seed) == k
-            rest = [i for i in range(len(pool)) if not test[i]]
-            inner = assign_splits(labels[rest], [groups[i] for i in rest], cfg.split[:2], len(classes), seed + 1 + k)
-            for i in np.flatnonzero(test):
-                pool[i].split = "test"
-            for i, s in zip(rest, inner):
-                pool[i].split = ("train", "val")[s]
-        else:
-            where = assign_splits(labels, groups, fractions, len(classes), seed) if pool else []
-            for r, s in zip(pool, where):
-                r.split = wanted[s]
-        given = {s: [r for recs in given.values() for r in recs if r.split == s] for s in SPLITS}
+        where = assign_splits(labels, groups, fractions, len(classes), seed) if pool else []
+        for r, s in zip(pool, where):
+            r.split = wanted[s]
+        return duplicates
+    k, n_folds = fold
+    test = assign_folds(labels, groups, n_folds, len(classes), classes, seed) == k
+    rest = [i for i in range(len(pool)) if not test[i]]
+    inner = assign_splits(labels[rest], [groups[i] for i in rest], cfg.split[:2], len(classes), seed + 1 + k)
+    for i in np.flatnonzero(test):
+        pool[i].split = "test"
+    for i, s in zip(rest, inner):
+        pool[i].split = ("train", "val")[s]
+    return duplicates
+
+
+def _check_splits(
+    given: dict[str, list[Record]], classes: list[str], pattern: re.Pattern[str] | None, cfg: DataConfig
+) -> None:
+    """Every record in a group; no group in two splits (it would leak faces from training into test), every
+    class trained, no empty split."""
     for r in (r for recs in given.values() for r in recs):
         if not r.group:
             r.group = group_of(Path(r.file).name, pattern)
-    if pattern is not None:  # a group found in two splits would leak faces from training into test
+    if pattern is not None:
         seen: dict[str, str] = {}
         for s in SPLITS:
             for r in given[s]:
@@ -355,7 +440,6 @@ def load_data(
                         f"Group '{r.group}' appears in both the {seen[r.group]} and {s} "
                         "folders; move its files so each group is in one split."
                     )
-
     trained = {r.cls for r in given["train"]}
     for cls in classes:
         if cls not in trained:
@@ -368,16 +452,17 @@ def load_data(
                 f"The {s} split is empty; add images or change --split (now {'/'.join(f'{f:g}' for f in cfg.split)})."
             )
 
-    pre = survey([r.file for r in given["train"]], pre, seed=seed)
-    splits = {}
-    for s in SPLITS:
-        recs = given[s]
-        splits[s] = ImageSet(
-            to_tensor([ok[r.file].image for r in recs], pre.image_size),
-            torch.tensor([classes.index(r.cls) for r in recs], dtype=torch.long),
-            [r.file for r in recs],
-        )
-    boxes = {f: d.box for f, d in ok.items() if d.box is not None}
+
+def _split_method(
+    cfg: DataConfig,
+    presplit: bool,
+    missing: list[str],
+    fold: tuple[int, int] | None,
+    pattern: re.Pattern[str] | None,
+    records: list[Record],
+    duplicates: int,
+) -> str:
+    """How the splits were made, in words (dataset.json, the report and the model card say it)."""
     if presplit:
         method = "given train/val/test folders" + (", missing splits carved from train" if missing else "")
     elif fold is not None:
@@ -388,8 +473,7 @@ def load_data(
         method += f", grouped by '{cfg.group_by}' ({len({r.group for r in records if r.group})} groups)"
     if missing and duplicates:
         method += f", byte-identical files kept together ({duplicates} files joined a duplicate's group)"
-    manifest = [r for s in SPLITS for r in given[s]]
-    return Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes)
+    return method
 
 
 def write_manifest(data: Data, path: Path) -> None:

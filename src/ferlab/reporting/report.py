@@ -259,11 +259,26 @@ def status_note(run: Path, own: bool = False) -> str | None:
     return None
 
 
-def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
-    """report.html and report.md of a run folder (or a fold's); ``own``: written by the run itself, as it ends."""
-    run = Path(run_dir)
-    if (run / "cv_summary.csv").is_file():
-        return build_cv_report(run, own)
+@dataclass
+class Study:
+    """A finished run folder (or a fold's), read once: everything the report's sections draw on."""
+
+    run: Path
+    own: bool  # written by the run itself, as it ends
+    info: dict
+    comparison: list[dict]
+    models: list[str]
+    metrics: dict[str, dict]
+    epochs: dict[str, list[dict]]
+    preds: dict[str, list[dict]]
+    dataset: dict
+    pre: Preprocess
+    classes: list[str]
+    pairs: list[dict]
+    files: Path  # report_files/, where the report's PNGs go
+
+
+def read_study(run: Path, own: bool = False) -> Study:
     if not (run / "test_accuracy_comparison.csv").is_file():
         note = status_note(run)
         if note:
@@ -277,29 +292,71 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
     files = run / "report_files"
     files.mkdir(exist_ok=True)
     ds = json.loads((run / "dataset.json").read_text())
-    pre = Preprocess(**ds["preprocess"])
-    classes = ds["classes"]
-    m = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
+    metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
     epochs = {name: read_csv(run / name / "epochs.csv") for name in models}
     preds = {name: read_csv(run / name / "predictions.csv") for name in models}
-    doc = Doc(files)
-
     # pairwise McNemar on the test images every model saw, Holm-corrected over the pairs
     right = {n: {r["file"]: r["predicted"] == r["true"] for r in preds[n]} for n in models}
-    pairs = mcnemar_holm(right)
+    return Study(
+        run=run,
+        own=own,
+        info=info,
+        comparison=comparison,
+        models=models,
+        metrics=metrics,
+        epochs=epochs,
+        preds=preds,
+        dataset=ds,
+        pre=Preprocess(**ds["preprocess"]),
+        classes=ds["classes"],
+        pairs=mcnemar_holm(right),
+        files=files,
+    )
 
-    # ---- findings, written from the numbers
+
+def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
+    """report.html and report.md of a run folder (or a fold's); ``own``: written by the run itself, as it ends."""
+    run = Path(run_dir)
+    if (run / "cv_summary.csv").is_file():
+        return build_cv_report(run, own)
+    study = read_study(run, own)
+    doc = Doc(study.files)
+    for section in (
+        findings_section,
+        dataset_section,
+        models_section,
+        comparison_section,
+        per_class_section,
+        misclassified_section,
+        predictions_section,
+    ):
+        section(doc, study)
+    return write_report(doc, f"ferlab study report: {run.name}", run)
+
+
+# ---- findings, written from the numbers
+
+
+def findings_section(doc: Doc, s: Study) -> None:
     doc.h2("Findings")
-    note = status_note(run, own)
+    note = status_note(s.run, s.own)
     if note:
         doc.p(note)
-    ranked = sorted(models, key=lambda n: -m[n]["accuracy"])
-    best = ranked[0]
+    m = s.metrics
+    best = sorted(s.models, key=lambda n: -m[n]["accuracy"])[0]
     facts = [
         f"Best test accuracy: {best}, {pct(m[best]['accuracy'])} (95% CI {pct(m[best]['ci95'][0])}-"
         f"{pct(m[best]['ci95'][1])}, n={m[best]['n']}), macro-F1 {m[best]['macro_f1']:.3f}."
     ]
-    for pair in pairs:
+    facts += pair_facts(s) + gap_facts(s) + size_facts(s) + confusion_facts(s, best)
+    for left in s.info.get("left_out", []):
+        facts.append(f"{left['model']} was left out of this run: {left['reason']}")
+    doc.ul(facts)
+
+
+def pair_facts(s: Study) -> list[str]:
+    m, facts = s.metrics, []
+    for pair in s.pairs:
         a, b, n_ab, n_ba, n = (pair[k] for k in ("model_a", "model_b", "a_right_b_wrong", "a_wrong_b_right", "n"))
         p, adj = pair["mcnemar_p"], pair["holm_p"]
         hi, lo = (a, b) if m[a]["accuracy"] >= m[b]["accuracy"] else (b, a)
@@ -309,18 +366,24 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
             if adj < ALPHA
             else f"not significant at {ALPHA}: these {n} test images do not show that {hi} is better"
         )
-        corrected = f", Holm-corrected over {len(pairs)} pairs p = {adj:.3g}" if len(pairs) > 1 else ""
+        corrected = f", Holm-corrected over {len(s.pairs)} pairs p = {adj:.3g}" if len(s.pairs) > 1 else ""
         facts.append(
             f"{hi} vs {lo}: {100 * diff:+.1f} points; they disagree on {n_ab + n_ba} images "
             f"({a} alone right on {n_ab}, {b} alone right on {n_ba}); McNemar exact p = {p:.3g}{corrected}, {verdict}."
         )
+    return facts
+
+
+def gap_facts(s: Study) -> list[str]:
     # the fair gap: the training split in eval mode with the chosen weights (runs before it only had the epoch
     # table's running accuracy, with dropout and augmentation on, which is not comparable)
-    fair = all(r.get("train_acc_eval") not in (None, "") for r in comparison)
+    fair = all(r.get("train_acc_eval") not in (None, "") for r in s.comparison)
     gaps = {
-        n: float(r["train_acc_eval" if fair else "train_acc"]) - float(r["val_acc"]) for n, r in zip(models, comparison)
+        n: float(r["train_acc_eval" if fair else "train_acc"]) - float(r["val_acc"])
+        for n, r in zip(s.models, s.comparison)
     }
-    for n, r in zip(models, comparison):
+    facts = []
+    for n, r in zip(s.models, s.comparison):
         if fair:
             facts.append(
                 f"{n}: with the weights of the chosen epoch {r['best_epoch']} of {r['epochs_run']}, accuracy on its "
@@ -333,40 +396,55 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
                 f"(dropout and augmentation on) {pct(float(r['train_acc']))} vs validation {pct(float(r['val_acc']))}: "
                 f"a gap of {100 * gaps[n]:.1f} points, not a fair measure of overfitting."
             )
-    if len(models) > 1:
+    if len(s.models) > 1:
         worst_gap = max(gaps, key=gaps.get)
         facts.append(f"The largest overfitting gap is {worst_gap}'s ({100 * gaps[worst_gap]:.1f} points).")
-    params = {r["model"]: int(r["parameters"]) for r in comparison}
-    if len(models) > 1:
-        big, small = max(params, key=params.get), min(params, key=params.get)
-        facts.append(
-            f"{big} has {params[big]:,} parameters, {params[big] / params[small]:.1f}x {small}'s "
-            f"{params[small]:,}; its test accuracy is {100 * (m[big]['accuracy'] - m[small]['accuracy']):+.1f}"
-            f" points relative to {small}."
-        )
-    conf = np.array(m[best]["confusion"])
-    off = [(conf[i, j], i, j) for i in range(len(classes)) for j in range(len(classes)) if i != j and conf[i, j]]
-    if off:
-        top = sorted(off, reverse=True)[:3]
-        facts.append(
-            f"{best}'s most frequent confusions: "
-            + "; ".join(f"{classes[i]} taken for {classes[j]} {c} of {conf[i].sum()} times" for c, i, j in top)
-            + "."
-        )
-    for left in info.get("left_out", []):
-        facts.append(f"{left['model']} was left out of this run: {left['reason']}")
-    doc.ul(facts)
+    return facts
 
-    # ---- dataset
+
+def size_facts(s: Study) -> list[str]:
+    if len(s.models) < 2:
+        return []
+    m = s.metrics
+    params = {r["model"]: int(r["parameters"]) for r in s.comparison}
+    big, small = max(params, key=params.get), min(params, key=params.get)
+    return [
+        f"{big} has {params[big]:,} parameters, {params[big] / params[small]:.1f}x {small}'s "
+        f"{params[small]:,}; its test accuracy is {100 * (m[big]['accuracy'] - m[small]['accuracy']):+.1f}"
+        f" points relative to {small}."
+    ]
+
+
+def confusion_facts(s: Study, best: str) -> list[str]:
+    classes = s.classes
+    conf = np.array(s.metrics[best]["confusion"])
+    off = [(conf[i, j], i, j) for i in range(len(classes)) for j in range(len(classes)) if i != j and conf[i, j]]
+    if not off:
+        return []
+    top = sorted(off, reverse=True)[:3]
+    return [
+        f"{best}'s most frequent confusions: "
+        + "; ".join(f"{classes[i]} taken for {classes[j]} {c} of {conf[i].sum()} times" for c, i, j in top)
+        + "."
+    ]
+
+
+# ---- the other sections
+
+
+def dataset_section(doc: Doc, s: Study) -> None:
+    ds, classes, pre = s.dataset, s.classes, s.pre
     doc.h2("Dataset")
     doc.p(f"{ds['description']}; {len(classes)} classes; split: {ds['split_method']}.")
     counts = ds["counts"]
     doc.table(
         ["class", *counts, "total"],
-        [[c, *(counts[s][c] for s in counts), sum(counts[s][c] for s in counts)] for c in classes]
-        + [["total", *(sum(counts[s].values()) for s in counts), sum(sum(v.values()) for v in counts.values())]],
+        [[c, *(counts[split][c] for split in counts), sum(counts[split][c] for split in counts)] for c in classes]
+        + [
+            ["total", *(sum(counts[split].values()) for split in counts), sum(sum(v.values()) for v in counts.values())]
+        ],
     )
-    manifest = read_csv(run / "manifest.csv")
+    manifest = read_csv(s.run / "manifest.csv")
     samples = []
     for c in classes:  # one image per group where groups exist: CK+ sequences are near-identical frames
         seen: dict[str, dict] = {}
@@ -374,43 +452,46 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
             if r["class"] == c and r["split"] == "train":
                 seen.setdefault(r["group"], r)
         samples += [(r["file"], [(c, (0, 0, 0))]) for r in list(seen.values())[:8]]
-    thumbnails(samples, pre, files / "samples.png", cols=8)
+    thumbnails(samples, pre, s.files / "samples.png", cols=8)
     doc.img(
-        files / "samples.png",
+        s.files / "samples.png",
         "Training-set samples per class, as the models see them (after cropping and "
         f"resizing to {pre.image_size}x{pre.image_size})",
     )
-    skipped = read_csv(run / "skipped_files.csv")
+    skipped = read_csv(s.run / "skipped_files.csv")
     if skipped:
         reasons: dict[str, int] = {}
-        for s in skipped:
-            key = s["reason"].split(" (")[0]
+        for row in skipped:
+            key = row["reason"].split(" (")[0]
             reasons[key] = reasons.get(key, 0) + 1
         doc.p(f"{len(skipped)} files were skipped:")
         doc.table(["reason", "files"], sorted(reasons.items(), key=lambda kv: -kv[1]))
     else:
         doc.p("No file was skipped.")
 
-    # ---- models
+
+def models_section(doc: Doc, s: Study) -> None:
     doc.h2("Models")
-    for n, r in zip(models, comparison):
+    for n, r in zip(s.models, s.comparison):
+        m = s.metrics[n]
         doc.h3(n)
-        secs = info.get("fit_seconds", {}).get(n, m[n].get("fit_seconds"))
-        precision = PRECISION.get(m[n].get("precision", "32"), m[n].get("precision"))
-        if m[n].get("precision_note"):
-            precision += "; " + m[n]["precision_note"]
+        secs = s.info.get("fit_seconds", {}).get(n, m.get("fit_seconds"))
+        precision = PRECISION.get(m.get("precision", "32"), m.get("precision"))
+        if m.get("precision_note"):
+            precision += "; " + m["precision_note"]
         doc.p(
             f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({precision}); "
             f"early stopping chose epoch {r['best_epoch']} (validation accuracy {pct(float(r['val_acc']))})."
         )
-        doc.pre((run / n / "summary.txt").read_text().rstrip())
-        plot_curves(epochs[n], int(r["best_epoch"]), f"{n}: learning curves", files / f"curves-{n}.png")
+        doc.pre((s.run / n / "summary.txt").read_text().rstrip())
+        plot_curves(s.epochs[n], int(r["best_epoch"]), f"{n}: learning curves", s.files / f"curves-{n}.png")
         doc.img(
-            files / f"curves-{n}.png",
+            s.files / f"curves-{n}.png",
             f"{n}: accuracy and loss per epoch; the dashed line is the epoch whose weights were kept",
         )
 
-    # ---- comparison
+
+def comparison_section(doc: Doc, s: Study) -> None:
     doc.h2("Comparison")
     doc.table(
         [
@@ -438,104 +519,108 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
                 f"{r['test_ci95_low']}-{r['test_ci95_high']}",
                 r["n_test"],
             ]
-            for r in comparison
+            for r in s.comparison
         ],
     )
-    if pairs:
-        doc.p(
-            "Pairwise McNemar exact tests on the shared test images (two-sided), Holm-corrected for the number of "
-            "pairs:"
-        )
-        doc.table(
-            [
-                "model A",
-                "model B",
-                "A right, B wrong",
-                "A wrong, B right",
-                "p-value",
-                "Holm p",
-                f"significant at {ALPHA}",
-            ],
-            [
-                [
-                    r["model_a"],
-                    r["model_b"],
-                    r["a_right_b_wrong"],
-                    r["a_wrong_b_right"],
-                    f"{r['mcnemar_p']:.3g}",
-                    f"{r['holm_p']:.3g}",
-                    "yes" if r["holm_p"] < ALPHA else "no",
-                ]
-                for r in pairs
-            ],
-        )
+    if s.pairs:
+        mcnemar_table(doc, s.pairs)
 
-    # ---- per class
+
+def mcnemar_table(doc: Doc, pairs: list[dict]) -> None:
+    doc.p("Pairwise McNemar exact tests on the shared test images (two-sided), Holm-corrected for the number of pairs:")
+    doc.table(
+        [
+            "model A",
+            "model B",
+            "A right, B wrong",
+            "A wrong, B right",
+            "p-value",
+            "Holm p",
+            f"significant at {ALPHA}",
+        ],
+        [
+            [
+                r["model_a"],
+                r["model_b"],
+                r["a_right_b_wrong"],
+                r["a_wrong_b_right"],
+                f"{r['mcnemar_p']:.3g}",
+                f"{r['holm_p']:.3g}",
+                "yes" if r["holm_p"] < ALPHA else "no",
+            ]
+            for r in pairs
+        ],
+    )
+
+
+def per_class_section(doc: Doc, s: Study) -> None:
     doc.h2("Per-class results")
-    for n in models:
+    for n in s.models:
+        m = s.metrics[n]
         doc.h3(n)
         doc.table(
             ["class", "precision", "recall", "F1", "support"],
             [
                 [c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
-                for c in m[n]["per_class"]
+                for c in m["per_class"]
             ]
-            + [["macro-F1", "", "", f"{m[n]['macro_f1']:.3f}", m[n]["n"]]],
+            + [["macro-F1", "", "", f"{m['macro_f1']:.3f}", m["n"]]],
         )
-        doc.img(run / n / "confusion_matrix.png", f"{n}: confusion matrix on the test set (counts)")
+        doc.img(s.run / n / "confusion_matrix.png", f"{n}: confusion matrix on the test set (counts)")
 
-    # ---- misclassified
+
+def misclassified_section(doc: Doc, s: Study) -> None:
     doc.h2("Misclassified test images")
-    for n in models:
-        wrong = [r for r in preds[n] if r["true"] != r["predicted"]]
-        doc.h3(f"{n}: {len(wrong)} of {len(preds[n])} wrong")
-        if wrong:
-            thumbnails(
-                [
-                    (
-                        r["file"],
-                        [
-                            (f"true {r['true']}", (0, 0, 0)),
-                            (f"pred {r['predicted']} {float(r['confidence']):.2f}", (200, 0, 0)),
-                        ],
-                    )
-                    for r in wrong[:24]
-                ],
-                pre,
-                files / f"wrong-{n}.png",
-            )
-            doc.img(files / f"wrong-{n}.png", f"{n}: misclassified test images (first {min(24, len(wrong))})")
-            if wrong_heatmaps(run / n / "model.ckpt", wrong[:12], files / f"wrong-heat-{n}.png"):
-                doc.img(
-                    files / f"wrong-heat-{n}.png",
-                    f"{n}: where it looked (Grad-CAM), for the predicted class (middle) and the true class (right)",
+    for n in s.models:
+        wrong = [r for r in s.preds[n] if r["true"] != r["predicted"]]
+        doc.h3(f"{n}: {len(wrong)} of {len(s.preds[n])} wrong")
+        if not wrong:
+            continue
+        thumbnails(
+            [
+                (
+                    r["file"],
+                    [
+                        (f"true {r['true']}", (0, 0, 0)),
+                        (f"pred {r['predicted']} {float(r['confidence']):.2f}", (200, 0, 0)),
+                    ],
                 )
-
-    # ---- predictions
-    doc.h2("Predictions on new images")
-    table = run / "predictions" / "prediction_results.csv"
-    if table.is_file():
-        rows = read_csv(table)
-        folder = os.path.commonpath([os.path.dirname(r["filename"]) for r in rows])
-        if folder:  # the table names files relative to the folder they came from
-            doc.p(f"Files under {folder}:")
-            for r in rows:
-                r["filename"] = os.path.relpath(r["filename"], folder)
-        doc.table(list(rows[0]), [list(r.values()) for r in rows[:60]])
-        for col in (c for c in rows[0] if c.endswith("_unusual")):
-            flagged = sum(bool(r[col]) for r in rows)
-            doc.p(
-                f"{col.removesuffix('_unusual')}: {flagged} of {len(rows)} predictions flagged as unlike the model's "
-                "training data (column " + col + ")" + ("; treat them with caution." if flagged else ".")
-            )
-        doc.img(
-            run / "predictions" / "prediction_grid.png",
-            "New images with each model's prediction (green: right, red: wrong, black: truth unknown)",
+                for r in wrong[:24]
+            ],
+            s.pre,
+            s.files / f"wrong-{n}.png",
         )
-    else:
-        doc.p("This run predicted no new images (ferlab run ... --predict-dir DIR adds them).")
+        doc.img(s.files / f"wrong-{n}.png", f"{n}: misclassified test images (first {min(24, len(wrong))})")
+        if wrong_heatmaps(s.run / n / "model.ckpt", wrong[:12], s.files / f"wrong-heat-{n}.png"):
+            doc.img(
+                s.files / f"wrong-heat-{n}.png",
+                f"{n}: where it looked (Grad-CAM), for the predicted class (middle) and the true class (right)",
+            )
 
-    return write_report(doc, f"ferlab study report: {run.name}", run)
+
+def predictions_section(doc: Doc, s: Study) -> None:
+    doc.h2("Predictions on new images")
+    table = s.run / "predictions" / "prediction_results.csv"
+    if not table.is_file():
+        doc.p("This run predicted no new images (ferlab run ... --predict-dir DIR adds them).")
+        return
+    rows = read_csv(table)
+    folder = os.path.commonpath([os.path.dirname(r["filename"]) for r in rows])
+    if folder:  # the table names files relative to the folder they came from
+        doc.p(f"Files under {folder}:")
+        for r in rows:
+            r["filename"] = os.path.relpath(r["filename"], folder)
+    doc.table(list(rows[0]), [list(r.values()) for r in rows[:60]])
+    for col in (c for c in rows[0] if c.endswith("_unusual")):
+        flagged = sum(bool(r[col]) for r in rows)
+        doc.p(
+            f"{col.removesuffix('_unusual')}: {flagged} of {len(rows)} predictions flagged as unlike the model's "
+            "training data (column " + col + ")" + ("; treat them with caution." if flagged else ".")
+        )
+    doc.img(
+        s.run / "predictions" / "prediction_grid.png",
+        "New images with each model's prediction (green: right, red: wrong, black: truth unknown)",
+    )
 
 
 def write_report(doc: Doc, title: str, run: Path) -> tuple[Path, Path]:
@@ -566,33 +651,72 @@ def plot_folds(per_fold: dict[str, list[float]], title: str, path: Path) -> None
     save_figure(fig, path)
 
 
-def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
-    """The cross-validation run's report: the summary, the pairwise verdicts, per-fold dots, pooled confusions."""
+@dataclass
+class CVStudy:
+    """A cross-validation run folder, read once: its summary, pairs and folds."""
 
-    run = Path(run_dir)
+    run: Path
+    own: bool  # written by the run itself, as it ends
+    summary: list[dict]
+    pairs: list[dict]
+    cv: dict
+    folds: int
+    seeds: list[int]
+    files: Path  # report_files/, where the report's PNGs go
+    units: list[Path]  # the fold folders, or the run itself where it has none
+
+
+def read_cv_study(run: Path, own: bool = False) -> CVStudy:
     summary = read_csv(run / "cv_summary.csv")
     pairs = read_csv(run / "cv_pairs.csv")
     cv = json.loads((run / "cv.json").read_text())
     files = run / "report_files"
     files.mkdir(exist_ok=True)
-    doc = Doc(files)
+    return CVStudy(
+        run=run,
+        own=own,
+        summary=summary,
+        pairs=pairs,
+        cv=cv,
+        folds=cv["folds"],
+        seeds=cv["seeds"],
+        files=files,
+        units=sorted(run.glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) or [run],
+    )
+
+
+def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
+    """The cross-validation run's report: the summary, the pairwise verdicts, per-fold dots, pooled confusions."""
+
+    run = Path(run_dir)
+    study = read_cv_study(run, own)
+    doc = Doc(study.files)
+    for section in (cv_findings_section, cv_summary_section, cv_pairs_table, cv_plots, cv_folds_section):
+        section(doc, study)
+    return write_report(doc, f"ferlab cross-validation report: {run.name}", run)
+
+
+def cv_findings_section(doc: Doc, s: CVStudy) -> None:
     doc.h2("Findings")
-    note = status_note(run, own)
+    note = status_note(s.run, s.own)
     if note:
         doc.p(note)
-    k, seeds = cv["folds"], cv["seeds"]
     doc.ul(
         [
             f"{r['model']}: mean test accuracy {pct(float(r['mean_test_acc']))} over {r['folds']} folds"
             + (f" (95% CI {pct(float(r['ci95_low']))}-{pct(float(r['ci95_high']))})" if r["ci95_low"] else "")
             + f", fold-to-fold standard deviation {100 * float(r['sd_across_folds']):.1f} points"
-            + (f", seed-to-seed {100 * float(r['mean_sd_across_seeds']):.1f}" if len(seeds) > 1 else "")
+            + (f", seed-to-seed {100 * float(r['mean_sd_across_seeds']):.1f}" if len(s.seeds) > 1 else "")
             + f"; pooled out-of-fold {pct(float(r['pooled_acc']))} (Wilson 95% "
             f"{pct(float(r['pooled_ci95_low']))}-{pct(float(r['pooled_ci95_high']))}, n={r['pooled_n']})."
-            for r in summary
+            for r in s.summary
         ]
-        + [r["verdict"][0].upper() + r["verdict"][1:] + "." for r in pairs]
+        + [r["verdict"][0].upper() + r["verdict"][1:] + "." for r in s.pairs]
     )
+
+
+def cv_summary_section(doc: Doc, s: CVStudy) -> None:
+    k, seeds = s.folds, s.seeds
     doc.h2("Cross-validation")
     doc.p(
         (f"{k}-fold cross-validation: every group in exactly one test fold" if k else "One split")
@@ -625,57 +749,68 @@ def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]
                 f"{r['pooled_ci95_low']}-{r['pooled_ci95_high']}",
                 r["pooled_n"],
             ]
-            for r in summary
+            for r in s.summary
         ],
     )
-    if pairs:
-        doc.p(
-            "Pairs: per-fold differences of test accuracy (A minus B) with their mean and t-interval, and an exact "
-            "McNemar test on the pooled out-of-fold predictions of the first seed, Holm-corrected across the pairs."
-        )
-        doc.table(
+
+
+def cv_pairs_table(doc: Doc, s: CVStudy) -> None:
+    if not s.pairs:
+        return
+    doc.p(
+        "Pairs: per-fold differences of test accuracy (A minus B) with their mean and t-interval, and an exact "
+        "McNemar test on the pooled out-of-fold predictions of the first seed, Holm-corrected across the pairs."
+    )
+    doc.table(
+        [
+            "model A",
+            "model B",
+            "per-fold differences",
+            "mean",
+            "95% CI",
+            "A right, B wrong",
+            "A wrong, B right",
+            "p",
+            "Holm p",
+            "verdict",
+        ],
+        [
             [
-                "model A",
-                "model B",
-                "per-fold differences",
-                "mean",
-                "95% CI",
-                "A right, B wrong",
-                "A wrong, B right",
-                "p",
-                "Holm p",
-                "verdict",
-            ],
-            [
-                [
-                    r["model_a"],
-                    r["model_b"],
-                    r["fold_differences"],
-                    r["mean_difference"],
-                    f"{r['diff_ci95_low']}-{r['diff_ci95_high']}" if r["diff_ci95_low"] else "-",
-                    r["a_right_b_wrong"],
-                    r["a_wrong_b_right"],
-                    f"{float(r['mcnemar_p']):.3g}",
-                    f"{float(r['holm_p']):.3g}",
-                    r["verdict"],
-                ]
-                for r in pairs
-            ],
-        )
-    plot_folds(cv["per_fold"], "test accuracy per fold", files / "cv-folds.png")
-    doc.img(files / "cv-folds.png", "Test accuracy of each model on each fold (mean over seeds) and the mean")
-    units = sorted(run.glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) or [run]
-    seed_dirs = [u / f"seed-{seeds[0]}" if (u / f"seed-{seeds[0]}").is_dir() else u for u in units]
+                r["model_a"],
+                r["model_b"],
+                r["fold_differences"],
+                r["mean_difference"],
+                f"{r['diff_ci95_low']}-{r['diff_ci95_high']}" if r["diff_ci95_low"] else "-",
+                r["a_right_b_wrong"],
+                r["a_wrong_b_right"],
+                f"{float(r['mcnemar_p']):.3g}",
+                f"{float(r['holm_p']):.3g}",
+                r["verdict"],
+            ]
+            for r in s.pairs
+        ],
+    )
+
+
+def cv_plots(doc: Doc, s: CVStudy) -> None:
+    """Each fold's test accuracy per model, then each model's confusion matrix pooled over the folds."""
+    plot_folds(s.cv["per_fold"], "test accuracy per fold", s.files / "cv-folds.png")
+    doc.img(s.files / "cv-folds.png", "Test accuracy of each model on each fold (mean over seeds) and the mean")
+    first = f"seed-{s.seeds[0]}"
+    seed_dirs = [u / first if (u / first).is_dir() else u for u in s.units]
     classes = json.loads((seed_dirs[0] / "dataset.json").read_text())["classes"]
-    for r in summary:
+    for r in s.summary:
         conf = np.zeros((len(classes), len(classes)), int)
         for u in seed_dirs:
             for row in read_csv(u / r["model"] / "predictions.csv"):
                 conf[classes.index(row["true"]), classes.index(row["predicted"])] += 1
-        path = files / f"cv-confusion-{r['model']}.png"
+        path = s.files / f"cv-confusion-{r['model']}.png"
         plot_confusion(conf.tolist(), classes, f"{r['model']}: pooled out-of-fold (n={conf.sum()})", path)
         doc.img(path, f"{r['model']}: confusion matrix pooled over the folds' test images (first seed)")
+
+
+def cv_folds_section(doc: Doc, s: CVStudy) -> None:
     doc.h2("Folds")
+    units = s.units
     studies = [u for d in units for u in ([d] if (d / "report.html").is_file() else sorted(d.glob("seed-*")))]
-    doc.ul([f"{u.relative_to(run)}/report.html" for u in studies])
-    return write_report(doc, f"ferlab cross-validation report: {run.name}", run)
+    doc.ul([f"{u.relative_to(s.run)}/report.html" for u in studies])

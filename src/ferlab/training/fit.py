@@ -403,121 +403,21 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     choice = choose(name, len(data.classes), data.pre.image_size, cfg.batch_size, cfg.accelerator, cfg.precision)
-    precision = choice.precision
     if choice.measured != "forced" and is_rank_zero():
         print(choice.message(name), file=sys.stderr, flush=True)
-    train, val = data.splits["train"], data.splits["val"]
-    result = FitResult(precision=precision, precision_note=choice.message(name).removeprefix("ferlab: "))
+    result = FitResult(precision=choice.precision, precision_note=choice.message(name).removeprefix("ferlab: "))
     keep = KeepBest(net)
-    done_stages = 0
-    if state_dir is not None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        progress = state_dir / "progress.json"
-        if progress.is_file():  # a resumed fit: finished stages are not trained again
-            saved = json.loads(progress.read_text())
-            done_stages, result.epochs = saved["stages_done"], saved["epochs"]
-            best = saved["best"]
-            if best and (state_dir / best).is_file():
-                keep.load_state_dict(torch.load(state_dir / best, map_location="cpu", weights_only=True))
-                net.load_state_dict(keep.state)
+    done_stages = _resume(state_dir, result, keep, net)
     t0 = time.perf_counter() - (sum(e["seconds"] for e in result.epochs) if result.epochs else 0.0)
     stages = _stages(name, cfg)
-    distributed = is_distributed(cfg)
     # Whatever is frozen in a stage without augmentation is run once over the data; all such stages share
     # the output of their common frozen prefix, so the backbone runs over the data once per fit.
     cached = [cfg.feature_cache and not aug and net.cut(units) > 0 for units, _, aug in stages]
-    shared_cut = min((net.cut(u) for (u, _, _), c in zip(stages[done_stages:], cached[done_stages:]) if c), default=0)
-    shared = None
-    device = _device(cfg.accelerator)
-    if shared_cut:
-        prefix = net.part(None, shared_cut)
-        if _cache_fits(prefix, train.images):
-            with _autocast(device, precision):
-                prefix.to(device)
-                shared = {"train": run_batches(prefix, train.images), "val": run_batches(prefix, val.images)}
-        else:
-            print(
-                f"ferlab: {name}: the frozen layers' output for {len(train)} images would not fit in a quarter "
-                "of this machine's memory; running them every step instead (slower, same result).",
-                file=sys.stderr,
-            )
-    stage = done_stages
+    features = Features.of(name, net, data, stages[done_stages:], cached[done_stages:], cfg, choice.precision)
     for stage, (units, lr, aug) in enumerate(stages, start=1):
-        if stage <= done_stages:
-            continue
-        # each stage's random streams start from its own seed, so a resumed fit that begins here draws what an
-        # uninterrupted one does
-        L.seed_everything(cfg.seed + stage - 1, workers=True, verbose=False)
-        cut = net.cut(units)
-        frozen, trainable = net.split_at(units)
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        for p in trainable.parameters():
-            p.requires_grad_(True)
-        xs = {"train": train.images, "val": val.images}
-        if cached[stage - 1] and shared is not None:
-            between = net.part(shared_cut, cut).to(device)  # frozen layers this stage adds to the shared prefix
-            with _autocast(device, precision):
-                xs = {s: run_batches(between, x) if len(between) else x for s, x in shared.items()}
-            frozen = nn.Identity()
-        augment = Augment(cfg.rotate, cfg.shift, cfg.zoom, cfg.jitter, cfg.erase) if aug else None
-        # test-time augmentation in validation too, so the chosen epoch is chosen as the model will predict
-        # (not on cached features, which cannot be mirrored)
-        tta = cfg.tta and not (cached[stage - 1] and shared is not None)
-        module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, tta)
-        bar = cfg.progress and sys.stderr.isatty()  # a log file gets one line per epoch, not bar frames
-        table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar)
-        keep.offset = len(result.epochs)
-        generator = torch.Generator().manual_seed(cfg.seed + stage)
-        callbacks: list[Callback] = [table, keep, RngState(generator)]
-        if cfg.patience > 0:
-            # checked when validation ends, before the epoch-end callbacks: the state SaveState writes then
-            # holds this epoch's verdict (checked after it, a resumed fit lost one epoch of patience)
-            callbacks.append(
-                EarlyStopping("val/acc", mode="max", patience=cfg.patience, check_on_train_epoch_end=False)
-            )
-        last = None
-        if state_dir is not None:
-            last = state_dir / f"stage{stage}-last.ckpt"
-            callbacks.append(SaveState(last))
-        trainer = L.Trainer(
-            max_epochs=cfg.max_epochs,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy,
-            precision=precision,
-            callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()] if last is not None else None,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            enable_progress_bar=bar,
-            deterministic=False,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*checkpoint.*")  # resuming from our own state file
-            trainer.fit(
-                module,
-                _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed),
-                _loader(xs["val"], val.labels, cfg.batch_size, None, distributed),
-                ckpt_path=str(last) if last is not None and last.is_file() else None,
-            )
-        result.epochs += table.rows
-        if keep.state is not None:
-            net.load_state_dict(keep.state)
-        if state_dir is not None and is_rank_zero():
-            # the best weights in a file of this stage's own, then progress.json naming it: a kill between the two
-            # leaves the previous stage's record and file as they were
-            best = f"best-stage{stage}.pt" if keep.state is not None else ""
-            if best:
-                atomic_save(keep.state_dict(), state_dir / best)
-            write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs, "best": best})
-            for old in state_dir.glob("best-stage*.pt"):
-                if old.name != best:
-                    old.unlink(missing_ok=True)
-            last.unlink(missing_ok=True)
+        if stage > done_stages:
+            inputs = features.inputs(net, units, data) if cached[stage - 1] else None
+            _fit_stage(stage, units, lr, aug, inputs, net, data, cfg, choice.precision, result, keep, state_dir)
     result.seconds = time.perf_counter() - t0
     best = result.epochs[keep.best_epoch]
     result.best_epoch, result.best_val_acc, result.train_acc = best["epoch"], best["val_acc"], best["train_acc"]
@@ -526,9 +426,161 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
     for p in net.split_at(0 if REGISTRY[name].transfer else None)[1].parameters():
         p.requires_grad_(True)
     net.cpu().eval()  # the frozen pass may have left layers on the GPU that the Trainer never saw
-    if shared is not None and is_rank_zero():
-        result.train_logits = run_batches(net.part(shared_cut, None), shared["train"].cpu().float())
+    if features.shared is not None and is_rank_zero():
+        result.train_logits = run_batches(net.part(features.cut, None), features.shared["train"].cpu().float())
     return result
+
+
+def _resume(state_dir: Path | None, result: FitResult, keep: KeepBest, net: Net) -> int:
+    """Stages a resumed fit finished already (their epochs into ``result``, their best weights into ``net``)."""
+    if state_dir is None:
+        return 0
+    state_dir.mkdir(parents=True, exist_ok=True)
+    progress = state_dir / "progress.json"
+    if not progress.is_file():
+        return 0
+    saved = json.loads(progress.read_text())
+    result.epochs = saved["epochs"]
+    if saved["best"] and (state_dir / saved["best"]).is_file():
+        keep.load_state_dict(torch.load(state_dir / saved["best"], map_location="cpu", weights_only=True))
+        net.load_state_dict(keep.state)
+    return saved["stages_done"]
+
+
+@dataclass
+class Features:
+    """The frozen prefix's output over the train and val splits, computed once per fit (None: nothing cached)."""
+
+    shared: dict[str, torch.Tensor] | None
+    cut: int
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def of(cls, name, net, data, stages, cached, cfg, precision) -> Features:
+        device = _device(cfg.accelerator)
+        cut = min((net.cut(u) for (u, _, _), c in zip(stages, cached) if c), default=0)
+        train, val = data.splits["train"], data.splits["val"]
+        if not cut:
+            return cls(None, 0, device, precision)
+        prefix = net.part(None, cut)
+        if not _cache_fits(prefix, train.images):
+            print(
+                f"ferlab: {name}: the frozen layers' output for {len(train)} images would not fit in a quarter "
+                "of this machine's memory; running them every step instead (slower, same result).",
+                file=sys.stderr,
+            )
+            return cls(None, 0, device, precision)
+        with _autocast(device, precision):
+            prefix.to(device)
+            shared = {"train": run_batches(prefix, train.images), "val": run_batches(prefix, val.images)}
+        return cls(shared, cut, device, precision)
+
+    def inputs(self, net: Net, units: int | None, data: Data) -> dict[str, torch.Tensor] | None:
+        """A stage's training inputs from the shared output: the frozen layers it adds run once more here."""
+        if self.shared is None:
+            return None
+        between = net.part(self.cut, net.cut(units)).to(self.device)
+        with _autocast(self.device, self.precision):
+            return {s: run_batches(between, x) if len(between) else x for s, x in self.shared.items()}
+
+
+def _fit_stage(
+    stage: int,
+    units: int | None,
+    lr: float,
+    aug: bool,
+    inputs: dict[str, torch.Tensor] | None,
+    net: Net,
+    data: Data,
+    cfg: TrainConfig,
+    precision: str,
+    result: FitResult,
+    keep: KeepBest,
+    state_dir: Path | None,
+) -> None:
+    """One stage: ``units`` trainable (None: all), the rest frozen; epochs and best weights into ``result``/``keep``."""
+    # each stage's random streams start from its own seed, so a resumed fit that begins here draws what an
+    # uninterrupted one does
+    L.seed_everything(cfg.seed + stage - 1, workers=True, verbose=False)
+    frozen, trainable = net.split_at(units)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    train, val = data.splits["train"], data.splits["val"]
+    xs = inputs or {"train": train.images, "val": val.images}
+    if inputs is not None:
+        frozen = nn.Identity()
+    augment = Augment(cfg.rotate, cfg.shift, cfg.zoom, cfg.jitter, cfg.erase) if aug else None
+    # test-time augmentation in validation too, so the chosen epoch is chosen as the model will predict
+    # (not on cached features, which cannot be mirrored)
+    module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, cfg.tta and inputs is None)
+    bar = cfg.progress and sys.stderr.isatty()  # a log file gets one line per epoch, not bar frames
+    table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar)
+    keep.offset = len(result.epochs)
+    generator = torch.Generator().manual_seed(cfg.seed + stage)
+    last = None if state_dir is None else state_dir / f"stage{stage}-last.ckpt"
+    trainer = _trainer(cfg, precision, _callbacks(cfg, table, keep, generator, last), last is not None, bar)
+    distributed = is_distributed(cfg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*checkpoint.*")  # resuming from our own state file
+        trainer.fit(
+            module,
+            _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed),
+            _loader(xs["val"], val.labels, cfg.batch_size, None, distributed),
+            ckpt_path=str(last) if last is not None and last.is_file() else None,
+        )
+    result.epochs += table.rows
+    if keep.state is not None:
+        net.load_state_dict(keep.state)
+    if state_dir is not None and is_rank_zero():
+        _record_stage(state_dir, stage, keep, result, last)
+
+
+def _callbacks(
+    cfg: TrainConfig, table: EpochTable, keep: KeepBest, generator: torch.Generator, last: Path | None
+) -> list[Callback]:
+    callbacks: list[Callback] = [table, keep, RngState(generator)]
+    if cfg.patience > 0:
+        # checked when validation ends, before the epoch-end callbacks: the state SaveState writes then
+        # holds this epoch's verdict (checked after it, a resumed fit lost one epoch of patience)
+        callbacks.append(EarlyStopping("val/acc", mode="max", patience=cfg.patience, check_on_train_epoch_end=False))
+    if last is not None:
+        callbacks.append(SaveState(last))
+    return callbacks
+
+
+def _trainer(cfg: TrainConfig, precision: str, callbacks: list[Callback], saves: bool, bar: bool) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=cfg.max_epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()] if saves else None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=bar,
+        deterministic=False,
+    )
+
+
+def _record_stage(state_dir: Path, stage: int, keep: KeepBest, result: FitResult, last: Path) -> None:
+    """A finished stage: its best weights in a file of its own, then progress.json naming it (a kill between the
+    two leaves the previous stage's record and file as they were); the stage's in-progress state goes."""
+    best = f"best-stage{stage}.pt" if keep.state is not None else ""
+    if best:
+        atomic_save(keep.state_dict(), state_dir / best)
+    write_json(state_dir / "progress.json", {"stages_done": stage, "epochs": result.epochs, "best": best})
+    for old in state_dir.glob("best-stage*.pt"):
+        if old.name != best:
+            old.unlink(missing_ok=True)
+    last.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: object) -> None:
