@@ -106,7 +106,7 @@ FAST = ["--image-size", "32", "--max-epochs", "3", "--no-progress"]
 
 def train_tiny(data: Path, out: Path, size: int = 32, epochs: int = 1) -> subprocess.CompletedProcess:
     """`ferlab train` of a small regularized-cnn on a generated tree: a real checkpoint in seconds."""
-    return run_cli(
+    return cli(
         "train", str(data), "--model", "regularized-cnn", "--image-size", str(size), "--max-epochs", str(epochs),
         "--no-progress", "--out", str(out),
     )  # fmt: skip

@@ -19,7 +19,7 @@ from ferlab.reporting.metrics import expected_calibration_error
 from ferlab.training import precision
 from ferlab.training.calibration import fit_temperature
 
-from .conftest import make_tree, only_run, read_csv, run_cli, train_tiny
+from .conftest import cli, make_tree, only_run, read_csv, run_cli, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_an_existing_path_wins_over_a_name_and_unknown_names_list_the_shipped(ti
 
 def test_analyze_takes_paths_arrays_pil_and_lists_and_matches_predict(tiny_model, tmp_path):
     files = sorted((Path(tiny_model).parents[3] / "d" / "circle").iterdir())[:3]
-    r = run_cli("predict", "--checkpoint", str(tiny_model), *map(str, files), "--out", str(tmp_path / "p"))
+    r = cli("predict", "--checkpoint", str(tiny_model), *map(str, files), "--out", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr[-2000:]
     want = [row["regularized-cnn_top3"] for row in read_csv(tmp_path / "p" / "prediction_results.csv")]
 
@@ -228,10 +228,10 @@ def test_the_chosen_precision_lands_in_the_run_and_the_checkpoint(tmp_path):
 
 
 def test_summary_takes_a_checkpoint_as_well_as_a_name(tiny_model):
-    by_file = run_cli("summary", str(tiny_model))
-    by_name = run_cli("summary", "regularized-cnn", "--num-classes", "3", "--image-size", "32")
+    by_file = cli("summary", str(tiny_model))
+    by_name = cli("summary", "regularized-cnn", "--num-classes", "3", "--image-size", "32")
     assert by_file.returncode == 0 and by_name.returncode == 0, by_file.stderr
     assert by_file.stdout.splitlines()[-4:] == by_name.stdout.splitlines()[-4:]  # the same totals
     assert "314,819" in by_file.stdout
-    r = run_cli("summary", "no-such-model")
+    r = cli("summary", "no-such-model")
     assert r.returncode == 2 and "No checkpoint file or shipped model called 'no-such-model'" in r.stderr

@@ -16,7 +16,7 @@ from ferlab.inference.model import load_model
 from ferlab.models.checkpoint import save_checkpoint
 from ferlab.models.registry import REGISTRY, create_model
 
-from .conftest import CKPLUS, read_csv, requires_ckplus, run_cli
+from .conftest import CKPLUS, cli, read_csv, requires_ckplus, run_cli
 
 SIZE = {"baseline-cnn": 24, "regularized-cnn": 32, "vgg-small": 32, "vgg-medium": 32}
 
@@ -99,13 +99,13 @@ def test_corrupt_and_foreign_onnx_files_are_one_sentence(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (32, 32)).save(tmp_path / "img" / "a.png")
-    r = run_cli("predict", "--checkpoint", str(tmp_path / "junk.onnx"), str(tmp_path / "img"))
+    r = cli("predict", "--checkpoint", str(tmp_path / "junk.onnx"), str(tmp_path / "img"))
     assert r.returncode == 2 and "is not an ONNX model or is corrupted" in r.stderr and "Traceback" not in r.stderr
     foreign = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(foreign, (torch.zeros(1, 3, 32, 32),), str(tmp_path / "foreign.onnx"), dynamo=False)
-    r = run_cli("evaluate", str(tmp_path / "foreign.onnx"), str(tmp_path / "img"))
+    r = cli("evaluate", str(tmp_path / "foreign.onnx"), str(tmp_path / "img"))
     assert r.returncode == 2 and "is an ONNX model but not one ferlab exported" in r.stderr
 
 

@@ -9,7 +9,7 @@ from ferlab.core.errors import FerlabError
 from ferlab.models.registry import REGISTRY, create_model
 from ferlab.models.summary import param_counts, summarize
 
-from .conftest import run_cli
+from .conftest import cli
 
 # (image size for the fast checks, classes)
 FAST_SIZE = {
@@ -90,12 +90,12 @@ def test_summary_table_matches_keras_numbers():
 
 
 def test_summary_cli_shows_trainable_split_of_transfer_model():
-    r = run_cli("summary", "vgg16-transfer")
+    r = cli("summary", "vgg16-transfer")
     assert r.returncode == 0, r.stderr
     assert "Total params: 15,246,150 (58.16 MB)" in r.stdout
     assert "Trainable params: 531,462 (2.03 MB)" in r.stdout
     assert "Non-trainable params: 14,714,688 (56.13 MB)" in r.stdout
-    r = run_cli("summary", "regularized-cnn")
+    r = cli("summary", "regularized-cnn")
     assert "Total params: 4,353,862 (16.61 MB)" in r.stdout
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from ferlab.apps.predict import GRID_PANELS
 from ferlab.data.images import Preprocess, decode
 
-from .conftest import CKPLUS, make_tree, requires_ckplus, run_cli, train_tiny
+from .conftest import CKPLUS, cli, make_tree, requires_ckplus, run_cli, train_tiny
 from .test_data import bad_file_corpus
 
 
@@ -162,12 +162,12 @@ def test_all_faces_gives_one_row_per_face(face_world, two_policies, tmp_path):
 
 
 def test_predict_mistakes_are_one_sentence(tmp_path):
-    r = run_cli("predict", "--checkpoint", str(tmp_path / "none.ckpt"), str(tmp_path))
+    r = cli("predict", "--checkpoint", str(tmp_path / "none.ckpt"), str(tmp_path))
     assert r.returncode == 2 and "ferlab: error: The checkpoint file" in r.stderr and "Traceback" not in r.stderr
     assert "does not exist" in r.stderr
     (tmp_path / "empty").mkdir()
     (tmp_path / "m.ckpt").write_bytes(b"")
-    r = run_cli("predict", "--checkpoint", str(tmp_path / "m.ckpt"), str(tmp_path / "empty"))
+    r = cli("predict", "--checkpoint", str(tmp_path / "m.ckpt"), str(tmp_path / "empty"))
     assert r.returncode == 2 and "is not a ferlab checkpoint or is corrupted" in r.stderr
 
 

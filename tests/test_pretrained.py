@@ -15,7 +15,7 @@ import ferlab
 from ferlab.core.config import StudyConfig, load_yaml, merge
 from ferlab.inference.model import PRETRAINED, load_model, pretrained_path
 
-from .conftest import CKPLUS, ROOT, read_csv, run_cli
+from .conftest import CKPLUS, ROOT, cli, read_csv
 
 pytestmark = pytest.mark.skipif(pretrained_path("fer2013") is None, reason="the shipped model is not installed")
 
@@ -44,9 +44,9 @@ def test_its_card_says_what_a_user_needs():
     assert card["training"]["val_acc"] > 0.65 and "fer2013" in card["data"]["description"].lower()
     calib = card["calibration"]
     assert calib["val_ece_after"] < calib["val_ece_before"]  # temperature scaling lowered the validation ECE
-    r = run_cli("info", "fer2013")
+    r = cli("info", "fer2013")
     assert r.returncode == 0 and "license:" in r.stdout and "classes:" in r.stdout
-    r = run_cli("models")
+    r = cli("models")
     assert r.returncode == 0 and "fer2013  vgg-small, 7 classes" in r.stdout and "vgg16-transfer" in r.stdout
 
 
@@ -67,7 +67,7 @@ def test_it_loads_in_a_fresh_process_with_no_network():
 
 @pytest.mark.skipif(not CKPLUS.is_dir(), reason="../shared/datasets/ckplus48 is not present")
 def test_it_reads_happy_and_surprise_on_ckplus_faces_it_never_saw(tmp_path):
-    r = run_cli("evaluate", "fer2013", str(CKPLUS), "--drop-classes", "contempt", "--out", str(tmp_path))
+    r = cli("evaluate", "fer2013", str(CKPLUS), "--drop-classes", "contempt", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "mapped classes: anger -> angry, sadness -> sad" in r.stderr
     per_class = {row["class"]: row for row in read_csv(tmp_path / "per_class.csv")}
@@ -85,7 +85,7 @@ def test_predict_with_no_checkpoint_uses_it_and_the_api_matches(tmp_path):
     faces = sorted((CKPLUS / "happy").iterdir())[-3:] if CKPLUS.is_dir() else []
     if not faces:
         pytest.skip("needs CK+48 faces")
-    r = run_cli("predict", *map(str, faces), "--out", str(tmp_path))
+    r = cli("predict", *map(str, faces), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_csv(tmp_path / "prediction_results.csv")
     assert list(rows[0])[2:4] == ["fer2013_predicted", "fer2013_confidence"]

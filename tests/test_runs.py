@@ -52,13 +52,11 @@ def test_wrong_settings_are_refused_before_any_work(tmp_path, flags, message):
 
 def test_labels_naming_a_class_the_model_lacks_is_refused(tmp_path):
     data = make_tree(tmp_path / "d", per_class=8)
-    r = run_cli(
-        "train", str(data), "--model", "regularized-cnn", *TINY, "--max-epochs", "1", "--out", str(tmp_path / "o")
-    )
+    r = cli("train", str(data), "--model", "regularized-cnn", *TINY, "--max-epochs", "1", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr[-2000:]
     (ck,) = (tmp_path / "o").glob("*/regularized-cnn/model.ckpt")
     (tmp_path / "labels.csv").write_text("filename,label\ncircle_000.png,hexagon\n")
-    r = run_cli("predict", "--checkpoint", str(ck), str(data / "circle"), "--labels", str(tmp_path / "labels.csv"))
+    r = cli("predict", "--checkpoint", str(ck), str(data / "circle"), "--labels", str(tmp_path / "labels.csv"))
     assert r.returncode == 2 and "The labels file names classes regularized-cnn does not know: hexagon" in r.stderr
 
 

@@ -128,7 +128,7 @@ def test_stage_one_leaves_the_frozen_base_unchanged(tiny_data, name):
     net = create_model(name, 3, 32, weights="none")
     body = {k: v.clone() for k, v in net.body.state_dict().items()}  # batch-norm statistics included
     head = {k: v.clone() for k, v in net.head.state_dict().items()}
-    fit_model(name, net, tiny_data, TrainConfig(max_epochs=2, fine_tune=False, progress=False))
+    fit_model(name, net, tiny_data, TrainConfig(max_epochs=2, fine_tune=False, progress=False, precision="32"))
     for k, v in net.body.state_dict().items():
         assert torch.equal(v, body[k]), k
     assert any(not torch.equal(v, head[k]) for k, v in net.head.state_dict().items())
