@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from PIL import Image  # noqa: E402
 
 from ferlab.core.errors import FerlabError  # noqa: E402
 from ferlab.core.files import (  # noqa: E402
+    atomic,
     plural,
     read_csv,
     save_figure,  # noqa: E402
@@ -99,6 +101,135 @@ class VideoResult:
     lines: list[str]
 
 
+class Tracker:
+    """Faces tied to tracks by box overlap (IoU) from one sampled frame to the next, each track's probabilities
+    smoothed with an exponential moving average of time constant ``smooth`` seconds (0: off)."""
+
+    def __init__(self, classes: list[str], smooth: float, gap: float):
+        self.classes, self.smooth, self.gap = classes, smooth, gap
+        self.tracks: dict[int, Track] = {}
+        self.finished: list[Track] = []
+        self.next_id, self.cuts = 1, 0
+        self.last_hsv: np.ndarray | None = None
+
+    def update(
+        self, now: float, rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], raws: list[np.ndarray]
+    ) -> list[tuple[Track, str]]:
+        """Each face's track and smoothed label in the sampled frame ``rgb`` at ``now`` seconds."""
+        self._end_at_cut(rgb)
+        for k in [k for k, t in self.tracks.items() if now - t.seen > self.gap]:
+            self.finished.append(self.tracks.pop(k))
+        owner = self._match(boxes)
+        return [self._follow(owner.get(i), now, box, raw) for i, (box, raw) in enumerate(zip(boxes, raws))]
+
+    def _end_at_cut(self, rgb: np.ndarray) -> None:
+        hsv = _hsv(rgb)
+        last = self.last_hsv
+        if last is not None and last.shape == hsv.shape and float(np.abs(hsv - last).mean()) > CUT:
+            self.finished += self.tracks.values()  # a new shot: its faces start new tracks
+            self.tracks.clear()
+            self.cuts += 1
+        self.last_hsv = hsv
+
+    def _match(self, boxes: list[tuple[int, int, int, int]]) -> dict[int, int]:
+        """Face index -> track id: tie faces to tracks, best overlaps first."""
+        pairs = sorted(
+            ((iou(b, t.box), i, k) for i, b in enumerate(boxes) for k, t in self.tracks.items()), reverse=True
+        )
+        owner: dict[int, int] = {}
+        taken: set[int] = set()
+        for overlap, i, k in pairs:
+            if overlap >= TRACK_IOU and i not in owner and k not in taken:
+                owner[i] = k
+                taken.add(k)
+        return owner
+
+    def _follow(self, k: int | None, now: float, box: tuple[int, int, int, int], raw: np.ndarray) -> tuple[Track, str]:
+        """Track ``k`` moved to ``box`` with its probabilities smoothed, or a new track when ``k`` is None."""
+        if k is not None:
+            t = self.tracks[k]
+            alpha = 1.0 if self.smooth == 0 else 1 - math.exp(-(now - t.seen) / self.smooth)
+            t.probs = (1 - alpha) * t.probs + alpha * raw
+            t.box, t.seen = box, now
+        else:
+            t = Track(self.next_id, box, now, raw, first=now)
+            self.tracks[self.next_id] = t
+            self.next_id += 1
+        label = self.classes[int(np.argmax(t.probs))]
+        t.labels[label] = t.labels.get(label, 0) + 1
+        t.frames += 1
+        return t, label
+
+    def all_tracks(self) -> list[Track]:
+        """Every track, ended or not, in order of appearance."""
+        return sorted([*self.finished, *self.tracks.values()], key=lambda t: t.ident)
+
+
+class _SampledFrames:
+    """Every ``step``-th frame of an open video as (frame number, BGR image); the frames between are grabbed, not
+    decoded. ``read`` is the number of frames read once the stream has ended."""
+
+    def __init__(self, cap: cv2.VideoCapture, fps: float, step: int):
+        self.cap, self.fps, self.step = cap, fps, step
+        self.read = 0
+        self.decode_error = False
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        frame_no = -1
+        while True:
+            frame_no += 1
+            self.read = frame_no
+            if frame_no % self.step:
+                if not self.cap.grab():
+                    return
+                continue
+            try:
+                ok, bgr = self.cap.read()
+            except cv2.error:
+                ok, self.decode_error = False, True
+            if not ok or bgr is None:
+                return
+            yield frame_no, bgr
+
+
+class _FrameOutputs:
+    """video_frames.csv (a row per face) and the annotated video (a frame per sampled frame), written as they come;
+    the video is opened at the first frame's size. Both are closed when the ``with`` block ends."""
+
+    def __init__(self, csv_path: Path, video_path: Path, fps: float, classes: list[str]):
+        self.file = open(csv_path, "w", newline="")  # noqa: SIM115 (closed by __exit__)
+        self.rows = csv.writer(self.file, lineterminator="\n")
+        self.rows.writerow(
+            ["time", "frame", "track", "x", "y", "w", "h", "label", *classes, *(f"raw_{c}" for c in classes)]
+        )
+        self.video_path, self.fps = video_path, fps
+        self.writer: cv2.VideoWriter | None = None
+
+    def __enter__(self) -> _FrameOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.release()
+
+    def face(self, bgr: np.ndarray, now: float, frame_no: int, t: Track, label: str, raw: np.ndarray) -> None:
+        self.rows.writerow(
+            [round(now, 3), frame_no, t.ident, *t.box, label]
+            + [round(float(v), 5) for v in t.probs]
+            + [round(float(v), 5) for v in raw]
+        )
+        _draw(bgr, t.box, f"{t.ident}: {label} {t.probs.max():.2f}", _colour(t.ident))
+
+    def frame(self, bgr: np.ndarray) -> None:
+        if self.writer is None:
+            h, w = bgr.shape[:2]
+            self.writer = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self.writer.isOpened():
+                raise FerlabError("OpenCV cannot write MP4 (mp4v) video here; the annotated video needs it.")
+        self.writer.write(bgr)
+
+
 def _colour(k: int) -> tuple[int, int, int]:
     return [(216, 107, 46), (32, 45, 217), (80, 161, 18), (8, 71, 181), (248, 90, 122), (147, 147, 14)][k % 6]
 
@@ -112,10 +243,53 @@ def run_video(
     smooth: float = 0.5,
     face_crop: str | None = None,
 ) -> VideoResult:
+    model = _one_model(checkpoints)
+    _check_options(every, fps, smooth)
+    cap, src_fps, expected = _open_video(path)
+    step = every or (max(1, round(src_fps / fps)) if fps else 1)
+    frames = _SampledFrames(cap, src_fps, step)
+    # sparse sampling must not end every track
+    tracker = Tracker(model.classes, smooth, max(TRACK_GAP, 1.5 * step / src_fps))
+    # faces, not whole frames: a model trained on whole images keeps its own policy
+    policy = face_crop or ("off" if model.pre.face_crop == "off" and model.pre.faces == "photos" else "on")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    progress = _Progress(expected // step if expected else 0)
+    # both files appear only once the whole video is done
+    try:
+        with atomic(out / "annotated.mp4") as video_tmp, atomic(out / "video_frames.csv") as frames_tmp:
+            with _FrameOutputs(frames_tmp, video_tmp, src_fps / step, model.classes) as outputs:
+                classified, faces = _classify_frames(model, policy, frames, tracker, outputs, progress)
+            seconds = time.perf_counter() - t0
+            if classified == 0:
+                raise FerlabError(f"{path} holds no frame that could be decoded; nothing was written.")
+    finally:
+        cap.release()
+        progress.done()
+    n_tracks = _write_summary(out / "video_summary.csv", tracker.all_tracks(), model.classes)
+    plot_timelines(out, model.classes)
+    lines = [
+        f"{classified} of {plural(frames.read, 'frame')} classified ({classified / max(seconds, 1e-9):.1f} frames/s), "
+        f"{plural(faces, 'face')} in {plural(n_tracks, 'track')} ({plural(tracker.cuts, 'scene cut')}); "
+        f"{out / 'video_frames.csv'}, {out / 'video_summary.csv'}, {out / 'annotated.mp4'}"
+    ]
+    if frames.decode_error or (expected and frames.read < expected - step):
+        print(
+            f"ferlab: warning: {path} stopped being decodable after frame {frames.read} of {expected}; "
+            "the results cover what could be read.",
+            file=sys.stderr,
+        )
+    return VideoResult(frames.read, classified, faces, n_tracks, seconds, lines)
+
+
+def _one_model(checkpoints: list[str]) -> Model:
     models = load_models(checkpoints)
     if len(models) > 1:
         raise FerlabError("A video is predicted with one model at a time; pass a single --checkpoint.")
-    model: Model = models[0]
+    return models[0]
+
+
+def _check_options(every: int | None, fps: float | None, smooth: float) -> None:
     if every is not None and fps is not None:
         raise FerlabError("Give --every or --fps, not both.")
     if every is not None and every < 1:
@@ -124,149 +298,61 @@ def run_video(
         raise FerlabError(f"--fps must be positive, got {fps}.")
     if smooth < 0:
         raise FerlabError(f"--smooth must be 0 (off) or more seconds, got {smooth}.")
+
+
+def _open_video(path: str) -> tuple[cv2.VideoCapture, float, int]:
+    """The capture, its frame rate (25 when the file does not say) and its frame count (0 when unknown)."""
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise FerlabError(f"{path} holds no video stream OpenCV can read.")
     src_fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
     if not (0 < src_fps < 1000):
         src_fps = 25.0
-    expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    step = every or (max(1, round(src_fps / fps)) if fps else 1)
-    track_gap = max(TRACK_GAP, 1.5 * step / src_fps)  # sparse sampling must not end every track
-    # faces, not whole frames: a model trained on whole images keeps its own policy
-    policy = face_crop or ("off" if model.pre.face_crop == "off" and model.pre.faces == "photos" else "on")
-    out.mkdir(parents=True, exist_ok=True)
-    classes = model.classes
-    columns = ["time", "frame", "track", "x", "y", "w", "h", "label", *classes, *(f"raw_{c}" for c in classes)]
-    frames_tmp = out / "video_frames.csv.tmp"
-    video_tmp = out / "annotated.tmp.mp4"
-    writer = None
-    tracks: dict[int, Track] = {}
-    finished: list[Track] = []
-    next_id, frame_no, classified, faces_total, cuts = 1, -1, 0, 0, 0
-    last_hsv: np.ndarray | None = None
-    t0 = time.perf_counter()
-    progress = _Progress(expected // step if expected else 0)
-    decode_error = False
-    try:
-        with open(frames_tmp, "w", newline="") as fh:
-            rows = csv.writer(fh, lineterminator="\n")
-            rows.writerow(columns)
-            while True:
-                frame_no += 1
-                if frame_no % step:
-                    if not cap.grab():
-                        break
-                    continue
-                try:
-                    ok, bgr = cap.read()
-                except cv2.error:
-                    ok, decode_error = False, True
-                if not ok or bgr is None:
-                    break
-                now = frame_no / src_fps
-                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                try:
-                    crops = model.prepare(Image.fromarray(rgb), all_faces=True, face_crop=policy)
-                except NoFace:  # a frame without a face
-                    crops = []
-                faces = model.classify(crops)
-                boxes = [f.box or (0, 0, rgb.shape[1], rgb.shape[0]) for f in faces]  # whole frames track as one
-                classified += 1
-                faces_total += len(faces)
-                hsv = _hsv(rgb)
-                if last_hsv is not None and last_hsv.shape == hsv.shape and float(np.abs(hsv - last_hsv).mean()) > CUT:
-                    finished += tracks.values()  # a new shot: its faces start new tracks
-                    tracks.clear()
-                    cuts += 1
-                last_hsv = hsv
-                # tie faces to tracks, best overlaps first
-                for k in [k for k, t in tracks.items() if now - t.seen > track_gap]:
-                    finished.append(tracks.pop(k))
-                pairs = sorted(
-                    ((iou(b, t.box), i, k) for i, b in enumerate(boxes) for k, t in tracks.items()), reverse=True
-                )
-                owner: dict[int, int] = {}
-                taken: set[int] = set()
-                for overlap, i, k in pairs:
-                    if overlap >= TRACK_IOU and i not in owner and k not in taken:
-                        owner[i] = k
-                        taken.add(k)
-                for i, (f, box) in enumerate(zip(faces, boxes)):
-                    raw = np.array([f.probabilities[c] for c in classes])
-                    if i in owner:
-                        t = tracks[owner[i]]
-                        alpha = 1.0 if smooth == 0 else 1 - math.exp(-(now - t.seen) / smooth)
-                        t.probs = (1 - alpha) * t.probs + alpha * raw
-                        t.box, t.seen = box, now
-                    else:
-                        t = Track(next_id, box, now, raw, first=now)
-                        tracks[next_id] = t
-                        next_id += 1
-                    label = classes[int(np.argmax(t.probs))]
-                    t.labels[label] = t.labels.get(label, 0) + 1
-                    t.frames += 1
-                    rows.writerow(
-                        [round(now, 3), frame_no, t.ident, *box, label]
-                        + [round(float(v), 5) for v in t.probs]
-                        + [round(float(v), 5) for v in raw]
-                    )
-                    _draw(bgr, box, f"{t.ident}: {label} {t.probs.max():.2f}", _colour(t.ident))
-                if writer is None:
-                    h, w = bgr.shape[:2]
-                    writer = cv2.VideoWriter(str(video_tmp), cv2.VideoWriter_fourcc(*"mp4v"), src_fps / step, (w, h))
-                    if not writer.isOpened():
-                        raise FerlabError("OpenCV cannot write MP4 (mp4v) video here; the annotated video needs it.")
-                writer.write(bgr)
-                progress.tick(classified, time.perf_counter() - t0)
-    except BaseException:
-        frames_tmp.unlink(missing_ok=True)
-        video_tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        cap.release()
-        progress.done()
-        if writer is not None:
-            writer.release()
-    seconds = time.perf_counter() - t0
-    if classified == 0:
-        frames_tmp.unlink(missing_ok=True)
-        video_tmp.unlink(missing_ok=True)
-        raise FerlabError(f"{path} holds no frame that could be decoded; nothing was written.")
-    os.replace(frames_tmp, out / "video_frames.csv")
-    os.replace(video_tmp, out / "annotated.mp4")
-    finished += tracks.values()
-    summary = []
-    for t in sorted(finished, key=lambda t: t.ident):
-        summary.append(
-            {
-                "track": t.ident,
-                "first_time": round(t.first, 3),
-                "last_time": round(t.seen, 3),
-                "frames": t.frames,
-                "main_emotion": max(t.labels, key=t.labels.get),
-                **{f"share_{c}": round(t.labels.get(c, 0) / t.frames, 4) for c in classes},
-            }
-        )
-    write_csv(
-        out / "video_summary.csv",
-        summary,
-        ["track", "first_time", "last_time", "frames", "main_emotion", *(f"share_{c}" for c in classes)],
-    )
-    plot_timelines(out, classes)
-    lines = [
-        f"{classified} of {plural(frame_no, 'frame')} classified ({classified / max(seconds, 1e-9):.1f} frames/s), "
-        f"{plural(faces_total, 'face')} in {plural(len(summary), 'track')} ({plural(cuts, 'scene cut')}); "
-        f"{out / 'video_frames.csv'}, {out / 'video_summary.csv'}, {out / 'annotated.mp4'}"
+    return cap, src_fps, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+
+
+def _classify_frames(
+    model: Model, policy: str, frames: _SampledFrames, tracker: Tracker, outputs: _FrameOutputs, progress: _Progress
+) -> tuple[int, int]:
+    """Each sampled frame through the model and the tracker into the outputs; the frames classified and the faces
+    found."""
+    classified = faces_total = 0
+    for frame_no, bgr in frames:
+        now = frame_no / frames.fps
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        try:
+            crops = model.prepare(Image.fromarray(rgb), all_faces=True, face_crop=policy)
+        except NoFace:  # a frame without a face
+            crops = []
+        faces = model.classify(crops)
+        boxes = [f.box or (0, 0, rgb.shape[1], rgb.shape[0]) for f in faces]  # whole frames track as one
+        raws = [np.array([f.probabilities[c] for c in tracker.classes]) for f in faces]
+        classified += 1
+        faces_total += len(faces)
+        for (t, label), raw in zip(tracker.update(now, rgb, boxes, raws), raws):
+            outputs.face(bgr, now, frame_no, t, label, raw)
+        outputs.frame(bgr)
+        progress.tick(classified)
+    return classified, faces_total
+
+
+def _write_summary(path: Path, tracks: list[Track], classes: list[str]) -> int:
+    """video_summary.csv: per track, its span and the share of its frames in each emotion; the number of tracks."""
+    summary = [
+        {
+            "track": t.ident,
+            "first_time": round(t.first, 3),
+            "last_time": round(t.seen, 3),
+            "frames": t.frames,
+            "main_emotion": max(t.labels, key=t.labels.get),
+            **{f"share_{c}": round(t.labels.get(c, 0) / t.frames, 4) for c in classes},
+        }
+        for t in tracks
     ]
-    read_frames = frame_no
-    if decode_error or (expected and read_frames < expected - step):
-        print(
-            f"ferlab: warning: {path} stopped being decodable after frame {read_frames} of {expected}; "
-            "the results cover what could be read.",
-            file=sys.stderr,
-        )
-    return VideoResult(read_frames, classified, faces_total, len(summary), seconds, lines)
+    write_csv(
+        path, summary, ["track", "first_time", "last_time", "frames", "main_emotion", *(f"share_{c}" for c in classes)]
+    )
+    return len(summary)
 
 
 def _draw(bgr: np.ndarray, box: tuple[int, int, int, int], text: str, colour: tuple[int, int, int]) -> None:
@@ -313,12 +399,14 @@ class _Progress:
     def __init__(self, total: int):
         self.bar = None
         self.total, self.next = total, 0.1
+        self.t0 = time.perf_counter()
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total or None, unit="frame", file=sys.stderr)
 
-    def tick(self, n: int, seconds: float) -> None:
+    def tick(self, n: int) -> None:
+        seconds = time.perf_counter() - self.t0
         if self.bar is not None:
             self.bar.update(1)
         elif self.total and n / self.total >= self.next:
