@@ -64,3 +64,23 @@ def test_inference_never_loads_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_function_fits_on_a_screen():
+    """No function over 80 lines (its def to its last line) or of cyclomatic complexity 20 or more (radon's
+    measure): a longer one becomes a sequence of named steps."""
+    from radon.complexity import cc_visit
+
+    long, tangled = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+        blocks = list(cc_visit(text))
+        for b in blocks:  # methods and closures too, not only the functions at module level
+            blocks += [*getattr(b, "methods", []), *getattr(b, "closures", [])]
+        tangled += [
+            f"{path.relative_to(PACKAGE)}:{b.lineno} {b.name} ({b.complexity})" for b in blocks if b.complexity >= 20
+        ]
+    assert long == [] and tangled == []
