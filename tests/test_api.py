@@ -198,6 +198,7 @@ def test_predict_pages_the_grid_and_shows_truth_only_when_known(tiny_model, tmp_
 def test_auto_precision_is_measured_once_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
     calls = []
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)  # whatever CPU runs the test
     monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or (0.30, 0.10))
     first = precision.choose("regularized-cnn", 3, 32, 16)
     assert (first.precision, first.speedup, first.cached) == ("bf16-mixed", 3.0, False) and calls == [32]
@@ -215,6 +216,15 @@ def test_auto_precision_is_measured_once_cached_and_reused(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+def test_a_cpu_without_native_bf16_trains_in_fp32_without_timing_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "time_steps", lambda *a: pytest.fail("bf16 was timed on a CPU without it"))
+    choice = precision.choose("vgg16-transfer", 6, 100, 32)
+    assert choice.precision == "32" and "no native bf16 arithmetic" in choice.message("vgg16-transfer")
+    assert not (tmp_path / "precision.json").exists()  # a rule, not a measurement: nothing to cache
+
+
 def test_the_chosen_precision_lands_in_the_run_and_the_checkpoint(tmp_path):
     data = make_tree(tmp_path / "d", per_class=8)
     r = train_tiny(data, tmp_path / "o")

@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 import torch
 
 from ferlab.apps.api import analyze
@@ -16,6 +17,7 @@ from ferlab.inference.model import calibrated, load_model
 from .test_faces import composed_photos, pytestmark  # noqa: F401 - skipped where ../shared/datasets is absent
 
 
+@pytest.mark.slow
 def test_a_crop_trained_model_answers_alike_through_every_door(ck_model, tmp_path):
     """vgg-small trained on 48 px CK+48 crops crops faces out of photos (its card's rule): evaluate, the study's
     test scoring, predict, ferlab.analyze and the server must all crop the same face and give the same numbers."""

@@ -28,6 +28,7 @@ def real_images(n: int, size: int) -> torch.Tensor:
 
 
 @requires_ckplus
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registry_model_exports_with_parity_on_real_images(name, tmp_path):
     size = SIZE.get(name, 32)

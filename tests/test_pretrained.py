@@ -65,6 +65,7 @@ def test_it_loads_in_a_fresh_process_with_no_network():
     assert label in FER7 and total == "1.0"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CKPLUS.is_dir(), reason="../shared/datasets/ckplus48 is not present")
 def test_it_reads_happy_and_surprise_on_ckplus_faces_it_never_saw(tmp_path):
     r = cli("evaluate", "fer2013", str(CKPLUS), "--drop-classes", "contempt", "--out", str(tmp_path))
