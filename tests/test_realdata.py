@@ -24,9 +24,11 @@ CK_ARGS = ["--drop-classes", "contempt", "--group-by", r"^(S\d+)_", "--no-progre
 # 7 of the suite's minutes); measured 2026-12-06 on a 2-core AMD EPYC (test n=90): baseline-cnn 0.911,
 # regularized-cnn 0.900
 MIN_TEST_ACC = {"baseline-cnn": 0.80, "regularized-cnn": 0.78}
-# measured on the reference split with the default recipe (224 backbone input, stage 2 fine-tuning conv5_3 on
-# the cached output of the layers before it): 0.829 (n=105; one standard error is about 0.037)
-VGG_MIN_TEST_ACC = 0.76
+# the default recipe (stage 2 fine-tuning conv5_3 on the cached output of the layers before it) with the
+# backbone at 112 px and at most 10 epochs a stage, for the suite's time (224 px took 15 of its minutes):
+# measured 0.724 on the reference split (n=105; one standard error about 0.044) on a 2-core AMD EPYC in fp32,
+# 2026-12-06 (0.829 at 224 px and 100 epochs on an Intel Xeon, 2026-11-26)
+VGG_MIN_TEST_ACC = 0.62
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +116,10 @@ def test_vgg16_transfer_with_shared_weights_on_the_reference_split(reference_spl
         str(reference_split),
         "--model",
         "vgg16-transfer",
+        "--backbone-size",
+        "112",
+        "--max-epochs",
+        "10",
         "--no-progress",
         "--out",
         str(tmp_path),
