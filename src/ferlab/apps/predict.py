@@ -334,10 +334,11 @@ def run_predict(
     all_faces: bool = False,
     face_crop: str | None = None,
     explain: str | None = None,
+    cache: bool = True,
 ) -> Prediction:
     """Predict ``inputs`` with every model and write the CSV, the skipped files, the grids (and explanations)
     into ``out``; every mistake is refused before anything is written."""
-    models = load_models(checkpoints)
+    models = load_models(checkpoints, cache)
     if explain:  # refused before anything is read or written
         for m in models:
             check_method(m, explain)

@@ -385,7 +385,8 @@ def predict_new_images(folder: str, done: list[Trained], run_dir: Path) -> None:
     chosen = [max(scratch, key=lambda t: t.fit.best_val_acc)] if scratch else []
     chosen += [t for t in done if REGISTRY[t.name].transfer]
     try:
-        p = run_predict([str(run_dir / t.name / "model.ckpt") for t in chosen], [folder], run_dir / "predictions")
+        checkpoints = [str(run_dir / t.name / "model.ckpt") for t in chosen]
+        p = run_predict(checkpoints, [folder], run_dir / "predictions", cache=False)  # no model kept per fold
     except FerlabError as e:  # the trained models stay; only this last step is missing
         warn(f"no predictions on new images: {e}")
         return
@@ -519,7 +520,7 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     try:
         results = {}
         for fold, seed in plan:
-            data = first if (fold, seed) == plan[0] else None
+            data = first if (fold, seed) == plan[0] or fold is None else None  # seeds share one split
             results[(fold, seed)] = run_unit(run_dir, cfg, models, left_out, (fold, seed), data)
         if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
             summarize_runs(run_dir, cfg, results)

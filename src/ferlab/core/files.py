@@ -34,6 +34,7 @@ def atomic(path: Path) -> Iterator[Path]:
         >>> with atomic(Path("model.ckpt")) as tmp:       # doctest: +SKIP
         ...     torch.save(payload, tmp)
     """
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
@@ -41,6 +42,24 @@ def atomic(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_orphans(path: Path) -> None:
+    """Temporaries of ``path`` that a killed process left (its pid is gone): a training state is a gigabyte."""
+    for old in path.parent.glob(f".{path.name}.*-*.tmp{path.suffix}"):
+        pid = old.name[len(path.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -321,9 +321,9 @@ def checkpoint_files(items: list[str]) -> list[str]:
     return out
 
 
-def load_models(checkpoints: list[str]) -> list[Model]:
+def load_models(checkpoints: list[str], cache: bool = True) -> list[Model]:
     """Models labelled by their card's name; two of one architecture by their run folder too."""
-    models = [load_model(c) for c in checkpoint_files(checkpoints or [default_model_name()])]
+    models = [load_model(c, cache) for c in checkpoint_files(checkpoints or [default_model_name()])]
     names = [m.card.get("model", "?") if Path(m.name).exists() else m.name for m in models]
     labels = []
     for m, name in zip(models, names):

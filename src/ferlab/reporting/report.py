@@ -203,7 +203,7 @@ def wrong_heatmaps(checkpoint: Path, wrong: list[dict], path: Path, side: int = 
         return False
 
     try:
-        model = load_model(checkpoint)
+        model = load_model(checkpoint, cache=False)  # a run of many folds must not keep every model
         crops, keep = [], []
         for r in wrong:
             try:
@@ -291,6 +291,8 @@ def read_study(run: Path, own: bool = False) -> Study:
         raise FerlabError(f"{run} holds no trained models to report on.")
     files = run / "report_files"
     files.mkdir(exist_ok=True)
+    if not (run / "dataset.json").is_file():
+        raise FerlabError(f"{run} has no dataset.json: it was written by an earlier ferlab; run the study again.")
     ds = json.loads((run / "dataset.json").read_text())
     metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
     epochs = {name: read_csv(run / name / "epochs.csv") for name in models}

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from ferlab.core.config import TrainConfig
+from ferlab.core.errors import FerlabError
 from ferlab.core.files import atomic
 from ferlab.data.datasets import Data
 from ferlab.inference.model import run_batches
@@ -440,6 +441,11 @@ def _resume(state_dir: Path | None, result: FitResult, keep: KeepBest, net: Net)
     if not progress.is_file():
         return 0
     saved = json.loads(progress.read_text())
+    if "best" not in saved:
+        raise FerlabError(
+            f"{state_dir} was written by an earlier ferlab whose training state this one cannot continue; "
+            "start the run again."
+        )
     result.epochs = saved["epochs"]
     if saved["best"] and (state_dir / saved["best"]).is_file():
         keep.load_state_dict(torch.load(state_dir / saved["best"], map_location="cpu", weights_only=True))
