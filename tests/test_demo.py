@@ -38,21 +38,3 @@ def test_demo_classes_differ_in_the_face_not_in_the_scene(tmp_path):
         for b in names[i + 1 :]:
             diff = np.abs(faces[a] - faces[b]).mean(2)
             assert diff[30:90, 25:75].mean() > 5 * max(diff[:15, :15].mean(), 0.2), (a, b)
-
-
-def test_a_run_without_data_takes_the_demos_quick_settings_and_flags_still_win(tmp_path):
-    """`ferlab run` with no data shows the study in minutes: its own smaller set, few epochs, short patience;
-    a flag or a config file that sets them wins, and a run on real data keeps the study's defaults."""
-    from ferlab.apps.cli import _config, build_parser
-
-    def resolved(*argv: str):
-        return _config(build_parser().parse_args(["run", *argv])).train
-
-    assert demo.QUICK_PER_CLASS <= 60 and demo.QUICK_TRAIN == {"max_epochs": 8, "patience": 3}
-    quick = resolved()
-    assert (quick.max_epochs, quick.patience) == (8, 3)
-    assert resolved("--max-epochs", "20").max_epochs == 20 and resolved("--max-epochs", "20").patience == 3
-    (tmp_path / "c.yaml").write_text("train:\n  patience: 5\n")
-    assert resolved("--config", str(tmp_path / "c.yaml")).patience == 5
-    real = resolved(str(tmp_path))
-    assert (real.max_epochs, real.patience) == (100, 10)

@@ -180,17 +180,10 @@ def merge_dicts(base: dict, over: dict) -> dict:
 
 
 def _config(args: argparse.Namespace) -> StudyConfig:
-    """Defaults, then the --config file, then the flags; with no data anywhere, the demo's quick training
-    settings replace the defaults (a file or a flag that sets them still wins)."""
-    loaded = load_yaml(args.config) if getattr(args, "config", None) else {}
-    given = overrides_from_args(args)
     cfg = StudyConfig()
-    in_file = isinstance(loaded, dict) and isinstance(loaded.get("data"), dict) and loaded["data"].get("data")
-    if not in_file and given.get("data", {}).get("data") is None:
-        from ferlab.data.demo import QUICK_TRAIN
-
-        cfg = merge(cfg, {"train": QUICK_TRAIN})
-    return merge(merge(cfg, loaded), given)
+    if getattr(args, "config", None):
+        cfg = merge(cfg, load_yaml(args.config))
+    return merge(cfg, overrides_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

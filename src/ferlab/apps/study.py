@@ -175,13 +175,8 @@ def differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
 def open_data(cfg: StudyConfig, fold: tuple[int, int] | None = None) -> Data:
     if cfg.data.data is None:
         if fold is None or fold[0] == 0:
-            say(
-                f"ferlab: no data folder given: using the {demo.DESCRIPTION}, {demo.QUICK_PER_CLASS} per class; "
-                f"at most {cfg.train.max_epochs} epochs a stage, patience {cfg.train.patience} (the demo's quick "
-                "settings: --max-epochs and --patience change them)"
-            )
-        folder = demo.demo_dataset(per_class=demo.QUICK_PER_CLASS)
-        data_cfg = type(cfg.data)(**{**to_dict(cfg.data), "data": str(folder)})
+            say(f"ferlab: no data folder given: using the {demo.DESCRIPTION}")
+        data_cfg = type(cfg.data)(**{**to_dict(cfg.data), "data": str(demo.demo_dataset())})
         return load_data(data_cfg, cfg.train.seed, description=demo.DESCRIPTION, fold=fold)
     return load_data(cfg.data, cfg.train.seed, fold=fold)
 

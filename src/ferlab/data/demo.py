@@ -22,10 +22,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise")
 PER_CLASS = 185  # 1,110 images: about the size of the original study's data
-# `ferlab run` with no data shows the whole study and its report in a few minutes, not a study to convergence:
-# its own, smaller set and shorter training (settings a user gives still win; the run prints them)
-QUICK_PER_CLASS = 60  # 360 images: 288 train, 36 validation, 36 test
-QUICK_TRAIN = {"max_epochs": 8, "patience": 3}
 VERSION = 2
 DESCRIPTION = "built-in SYNTHETIC demo faces (generated cartoons, not real people)"
 
