@@ -256,7 +256,8 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     calib, unusual, train_acc_eval = validate(name, net, data, fit, cfg.train.seed)
     t = calib["temperature"]
     card = model_card(data, fit, calib, unusual, train_acc_eval, cfg)
-    # the test split is scored from the saved model card, through the one inference path `ferlab evaluate` takes
+    # the test split is scored from the saved model card, through the one inference path `ferlab evaluate` takes;
+    # the card is then written again with the test metrics in it
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
     probs, labels, files = score_test(out / "model.ckpt", data.splits["test"])
     m = score_and_record(

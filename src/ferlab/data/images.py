@@ -210,21 +210,31 @@ def decode(path: str | Path, pre: Preprocess, all_faces: bool = False, face_crop
     return prepare(im, pre, all_faces, face_crop, key=file_key(path))
 
 
-def decode_many(paths: Sequence[str | Path], pre: Preprocess) -> tuple[list[Decoded | None], list[str]]:
-    """Decode files in parallel (Pillow releases the GIL); returns results and reasons (None/'' when ok)."""
+def decode_each(
+    paths: Sequence[str | Path], pre: Preprocess, all_faces: bool = False, face_crop: str | None = None
+) -> list[list[Decoded] | BadImage]:
+    """Files decoded and prepared in parallel threads (Pillow and the face detector release the GIL); a file
+    that cannot be used gives the :class:`BadImage` saying why, in its place."""
 
-    def one(p: str | Path) -> tuple[Decoded | None, str]:
+    def one(p: str | Path) -> list[Decoded] | BadImage:
         try:
-            return decode(p, pre)[0], ""
+            return decode(p, pre, all_faces, face_crop)
         except BadImage as e:
-            return None, str(e)
+            return e
         except Exception as e:  # noqa: BLE001 - an odd file must never stop a run
-            return None, f"unreadable ({e.__class__.__name__}: {e})"
+            return BadImage(f"unreadable ({e.__class__.__name__}: {e})")
 
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(one, paths))
-    return [r for r, _ in results], [reason for _, reason in results]
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(pool.map(one, paths))
+
+
+def decode_many(paths: Sequence[str | Path], pre: Preprocess) -> tuple[list[Decoded | None], list[str]]:
+    """Each file's first (largest-face) input, or None and the reason it cannot be used ("" when it can)."""
+    results = decode_each(paths, pre)
+    return (
+        [None if isinstance(r, BadImage) else r[0] for r in results],
+        [str(r) if isinstance(r, BadImage) else "" for r in results],
+    )
 
 
 def to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from ferlab.core.errors import FerlabError
-from ferlab.data.images import BadImage, Decoded, NoFace, Preprocess, file_key, open_rgb, prepare, to_tensor
+from ferlab.data.images import BadImage, Decoded, NoFace, Preprocess, decode_each, prepare, to_tensor
 from ferlab.inference import ood
 from ferlab.inference.onnx_runtime import load_onnx
 from ferlab.models.checkpoint import load_checkpoint
@@ -166,20 +165,8 @@ class Model:
     def prepare_files(
         self, paths: Sequence[str | Path], all_faces: bool = False, face_crop: str | None = None
     ) -> list[list[Decoded] | BadImage]:
-        """Files decoded and prepared as the card prescribes, in parallel threads (Pillow and the detector
-        release the GIL); a file that cannot be used gives the :class:`BadImage` saying why, in its place."""
-
-        def one(path: str | Path) -> list[Decoded] | BadImage:
-            try:
-                image = open_rgb(path, self.pre.max_pixels)
-                return self.prepare(image, key=file_key(path), all_faces=all_faces, face_crop=face_crop)
-            except BadImage as e:
-                return e
-            except Exception as e:  # noqa: BLE001 - an odd file must never stop a run
-                return BadImage(f"unreadable ({e.__class__.__name__}: {e})")
-
-        with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2)) as pool:
-            return list(pool.map(one, paths))
+        """Files decoded and prepared as the card prescribes (:func:`~ferlab.data.images.decode_each`)."""
+        return decode_each(paths, self.pre, all_faces, face_crop)
 
     def classify(self, crops: Sequence[Decoded]) -> list[Face]:
         """Faces (or whole images) prepared by :meth:`prepare`, classified in batches: the one forward path of

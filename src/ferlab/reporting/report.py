@@ -339,11 +339,16 @@ def build_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]:
 # ---- findings, written from the numbers
 
 
-def findings_section(doc: Doc, s: Study) -> None:
+def findings_heading(doc: Doc, run: Path, own: bool) -> None:
+    """Every report opens with its findings, after a word on a run that did not finish."""
     doc.h2("Findings")
-    note = status_note(s.run, s.own)
+    note = status_note(run, own)
     if note:
         doc.p(note)
+
+
+def findings_section(doc: Doc, s: Study) -> None:
+    findings_heading(doc, s.run, s.own)
     m = s.metrics
     best = sorted(s.models, key=lambda n: -m[n]["accuracy"])[0]
     facts = [
@@ -699,10 +704,7 @@ def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]
 
 
 def cv_findings_section(doc: Doc, s: CVStudy) -> None:
-    doc.h2("Findings")
-    note = status_note(s.run, s.own)
-    if note:
-        doc.p(note)
+    findings_heading(doc, s.run, s.own)
     doc.ul(
         [
             f"{r['model']}: mean test accuracy {pct(float(r['mean_test_acc']))} over {r['folds']} folds"

@@ -463,7 +463,16 @@ class Features:
     precision: str
 
     @classmethod
-    def of(cls, name, net, data, stages, cached, cfg, precision) -> Features:
+    def of(
+        cls,
+        name: str,
+        net: Net,
+        data: Data,
+        stages: list[tuple[int | None, float, bool]],
+        cached: list[bool],
+        cfg: TrainConfig,
+        precision: str,
+    ) -> Features:
         device = _device(cfg.accelerator)
         cut = min((net.cut(u) for (u, _, _), c in zip(stages, cached) if c), default=0)
         train, val = data.splits["train"], data.splits["val"]
