@@ -79,7 +79,18 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="data=model class names where synonyms do not meet (e.g. contempt=disgust,joy=happy); "
         "anger/angry, sadness/sad, happiness/happy, surprised/surprise ... are mapped already",
     )
-    ev.add_argument("--drop-classes", nargs="+", default=[], metavar="CLASS", help="data class folders to leave out")
+    ev.add_argument(
+        "--drop-classes",
+        nargs="+",
+        default=[],
+        metavar="CLASS",
+        help="data class folders (or --labels classes) to leave out",
+    )
+    ev.add_argument(
+        "--labels",
+        help="CSV of per-class votes (as train --labels takes): score against each image's majority and report "
+        "the vote-weighted accuracy too",
+    )
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -283,7 +294,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ferlab.apps.evaluate import evaluate_model
 
     out = Path(args.out or new_output_dir("evaluate"))
-    m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes)
+    m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes, args.labels)
     for note in m["notes"]:
         print(f"ferlab: {note}", file=sys.stderr)
     for w in m["warnings"]:
@@ -292,7 +303,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"{m['name']} ({m['model']}): accuracy {m['accuracy']:.4f} (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f}, "
         f"n={m['n']}; chance {m['chance']:.4f}, majority class ({m['majority_class']}) {m['majority']:.4f}), "
         f"macro-F1 {m['macro_f1']:.4f}, expected calibration error {m['ece']:.4f} "
-        f"(uncalibrated {m['ece_uncalibrated']:.4f}); details in {out}"
+        f"(uncalibrated {m['ece_uncalibrated']:.4f})"
+        + (f", vote-weighted accuracy {m['vote_weighted_accuracy']:.4f}" if "vote_weighted_accuracy" in m else "")
+        + f"; details in {out}"
     )
     return 0
 

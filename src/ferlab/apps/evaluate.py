@@ -1,6 +1,7 @@
 """``ferlab evaluate``: a saved model scored on a labelled folder, through the one inference path.
 
 ferlab evaluate runs/x/regularized-cnn/model.ckpt faces/ --class-map contempt=disgust --drop-classes neutral
+ferlab evaluate ferplus fer2013/test --labels ferplus_test_votes.csv    # labels: the votes' majority
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_csv
 from ferlab.core.names import canonical
-from ferlab.data.datasets import check_drop, scan
+from ferlab.data.datasets import check_drop, check_vote_drop, relabel, scan
+from ferlab.data.votes import Votes, read_votes
 from ferlab.inference.model import Model, calibrated, load_model
 from ferlab.reporting.metrics import expected_calibration_error, overlap, score_and_record
 
@@ -65,18 +67,33 @@ def map_classes(
 
 
 def labelled(
-    model: Model, folder: str | Path, class_map: str | None = None, drop: list[str] | None = None
+    model: Model,
+    folder: str | Path,
+    class_map: str | None = None,
+    drop: list[str] | None = None,
+    votes: Votes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[str]]:
     """A folder-per-class tree classified through the inference path as ``model``'s card prescribes, its classes
-    mapped onto the model's: the logits, the labels, the files, the skipped files with reasons, and what was mapped."""
+    (the folders', or with ``votes`` each image's majority) mapped onto the model's: the logits, the labels, the
+    files, the skipped files with reasons, and what was mapped."""
     drop = list(drop or [])
     root = Path(os.path.abspath(Path(folder).expanduser()))
-    records = scan(root, drop, "evaluation")
-    check_drop(root, drop)
+    unvoted: list[tuple[str, str]] = []
+    if votes is None:
+        records = scan(root, drop, "evaluation")
+        check_drop(root, drop)
+    else:
+        check_vote_drop(votes, drop)
+        given, unvoted, _ = relabel({"test": scan(root, [], "evaluation")}, votes, drop)
+        records = given["test"]
+        drop = []  # relabel left the dropped classes out already
+        if not records:
+            raise FerlabError(f"No image of {folder} has an emotion majority in the votes file {votes.path}.")
     mapping, mapped = map_classes(sorted({r.cls for r in records}), model.classes, parse_class_map(class_map), drop)
     faces, reasons = model.classify_files([r.file for r in records])
     keep = [(r, f) for r, f in zip(records, faces) if f is not None]
-    skipped = [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
+    skipped = [{"file": f, "reason": why} for f, why in unvoted]
+    skipped += [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
     if not keep:
         raise FerlabError(f"None of the {len(records)} files in {folder} could be read as images.")
     logits = torch.from_numpy(np.stack([f.logits for _, f in keep]))
@@ -90,15 +107,24 @@ def evaluate_model(
     out: Path,
     class_map: str | None = None,
     drop_classes: list[str] | None = None,
+    labels: str | Path | None = None,
 ) -> dict:
     """Metrics of a saved model (a .ckpt, an .onnx or a shipped model's name) on a folder-per-class tree,
     written into ``out``; mapped and dropped classes, baselines and any overlap with the model's own training
-    images are in the returned dict's ``notes``."""
+    images are in the returned dict's ``notes``. With ``labels`` (a votes file, as ``ferlab train --labels``
+    takes), each image's label is its votes' majority, and ``vote_weighted_accuracy`` is the mean share of an
+    image's annotators who voted for the predicted class."""
     model = load_model(checkpoint)
     classes = model.classes
     drop = list(drop_classes or [])
-    logits, y, files, skipped, mapped = labelled(model, folder, class_map, drop)
+    votes = read_votes(labels, Path(os.path.abspath(Path(folder).expanduser()))) if labels else None
+    logits, y, files, skipped, mapped = labelled(model, folder, class_map, drop, votes)
     probs = calibrated(logits, model.temperature)
+    extra = {}
+    if votes is not None:
+        preds = probs.argmax(1).tolist()
+        agree = [votes.agreement(f, classes[p]) for f, p in zip(files, preds)]
+        extra = {"votes": str(labels), "vote_weighted_accuracy": round(float(np.mean(agree)), 4)}
     present = sorted(set(y.tolist()))
     counts = torch.bincount(y, minlength=len(classes))
     notes = []
@@ -148,6 +174,7 @@ def evaluate_model(
         notes=notes,
         warnings=warnings_,
         overlap={"train": in_train, "val": in_val},
+        **extra,
     )
     write_csv(out / "skipped_files.csv", skipped, ["file", "reason"])
     return m

@@ -251,7 +251,8 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     fit = fit_model(name, net, data, cfg.train, state_dir)
     if not is_rank_zero():
         return None
-    write_csv(out / "epochs.csv", fit.epochs, EPOCH_COLUMNS)
+    votes = ["val_vote_loss"] if fit.epochs and "val_vote_loss" in fit.epochs[0] else []
+    write_csv(out / "epochs.csv", fit.epochs, [*EPOCH_COLUMNS[:-1], *votes, EPOCH_COLUMNS[-1]])
 
     calib, unusual, train_acc_eval = validate(name, net, data, fit, cfg.train.seed)
     t = calib["temperature"]
@@ -552,6 +553,8 @@ def start_run(run_dir: Path, cfg: StudyConfig, argv: list[str], first: Data, fir
     write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     write_text(run_dir / "command.txt", shlex.join(argv) + "\n")
     set_status(run_dir, "running", pid=os.getpid())
+    for note in first.notes:
+        warn(note)
     if first.skipped:
         n = sum(len(s) for s in first.splits.values())
         warn(

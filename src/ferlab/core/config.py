@@ -44,7 +44,12 @@ class DataConfig:
         "regex on the file name whose first group keeps a group in one split "
         r"(CK+48 subjects: '^(S\d+)_')",
     )
-    drop_classes: list[str] = opt([], "class folders to leave out (e.g. contempt)")
+    labels: str | None = opt(
+        None,
+        "CSV of per-class votes (a 'file' column relative to the data folder, then one column of votes per class, "
+        "as FER+'s): classes and labels come from the votes' majority instead of the folder names",
+    )
+    drop_classes: list[str] = opt([], "classes to leave out (e.g. contempt): class folders, or the votes' classes")
     max_pixels: int = opt(40_000_000, "images with more pixels are skipped as decompression bombs")
     face_crop: str = opt(
         "off",
@@ -80,6 +85,12 @@ class TrainConfig:
         choices=("constant", "cosine"),
     )
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    vote_target: str = opt(
+        "distribution",
+        "with --labels votes: train on each image's vote distribution (cross-entropy to the normalised votes) "
+        "or on its majority label",
+        choices=("distribution", "majority"),
+    )
     patience: int = opt(10, "early stopping: epochs without a better validation accuracy (0: never stop early)")
     seed: int = opt(0, "seed for the split, initialisation, shuffling and augmentation")
     precision: str = opt(

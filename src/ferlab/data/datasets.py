@@ -17,6 +17,7 @@ import torch
 from ferlab.core.config import DataConfig
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_csv
+from ferlab.core.names import canonical
 from ferlab.data import faces
 from ferlab.data.images import (
     IMAGE_SUFFIXES,
@@ -29,6 +30,7 @@ from ferlab.data.images import (
     open_rgb,
     to_tensor,
 )
+from ferlab.data.votes import Votes, read_votes
 
 SPLITS = ("train", "val", "test")
 
@@ -121,8 +123,9 @@ def assign_splits(
 @dataclass
 class ImageSet:
     images: torch.Tensor  # N x 3 x H x W uint8
-    labels: torch.Tensor  # N int64
+    labels: torch.Tensor  # N int64 (with votes: the majority)
     files: list[str]
+    targets: torch.Tensor | None = None  # N x classes float32: the vote distribution, when labels come from votes
 
     def __len__(self) -> int:
         return len(self.files)
@@ -138,6 +141,8 @@ class Data:
     description: str
     split_method: str
     boxes: dict[str, faces.Box] = field(default_factory=dict)
+    votes: Votes | None = None  # where the labels came from, when not from folder names
+    notes: list[str] = field(default_factory=list)  # what the user should know about the data (warnings)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
@@ -269,25 +274,81 @@ def load_data(
     root = _data_root(cfg.data)
     pattern = _group_pattern(cfg.group_by)
     given, presplit = _given_records(root, cfg, fold)
-    classes = _classes(given, root)
+    votes, unvoted, notes = None, [], []
+    if cfg.labels:
+        votes = read_votes(cfg.labels, root)
+        check_vote_drop(votes, cfg.drop_classes)
+        given, unvoted, notes = relabel(given, votes, cfg.drop_classes)
+        classes = [c for c in votes.classes if c not in {canonical(d) for d in cfg.drop_classes}]
+    else:
+        classes = _classes(given, root)
     records = [r for recs in given.values() for r in recs]
     pre, ok, skipped = _decode(records, {r.file for r in given["train"]}, cfg)
+    skipped = unvoted + skipped
     given, missing, duplicates = _arrange(given, ok, classes, pattern, cfg, seed, fold)
     _check_splits(given, classes, pattern, cfg)
     pre = survey([r.file for r in given["train"]], pre, seed=seed)
-    splits = {s: _image_set(given[s], ok, classes, pre.image_size) for s in SPLITS}
+    splits = {s: _image_set(given[s], ok, classes, pre.image_size, votes) for s in SPLITS}
     boxes = {f: d.box for f, d in ok.items() if d.box is not None}
     method = _split_method(cfg, presplit, missing, fold, pattern, records, duplicates)
     manifest = [r for s in SPLITS for r in given[s]]
-    return Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes)
+    if votes is not None:
+        method += f", labels: the majority of the votes in {cfg.labels}"
+    data = Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes, votes, notes)
+    return data
 
 
-def _image_set(records: list[Record], ok: dict[str, Decoded], classes: list[str], size: int) -> ImageSet:
+def _image_set(
+    records: list[Record], ok: dict[str, Decoded], classes: list[str], size: int, votes: Votes | None
+) -> ImageSet:
+    targets = None
+    if votes is not None:
+        targets = torch.tensor(np.array([votes.distribution(r.file, classes) for r in records]), dtype=torch.float32)
+        targets = targets.reshape(len(records), len(classes))
     return ImageSet(
         to_tensor([ok[r.file].image for r in records], size),
         torch.tensor([classes.index(r.cls) for r in records], dtype=torch.long),
         [r.file for r in records],
+        targets,
     )
+
+
+def check_vote_drop(votes: Votes, drop: Sequence[str]) -> None:
+    """With labels from votes, --drop-classes names classes of the votes file."""
+    typos = [d for d in drop if canonical(d) not in votes.classes]
+    if typos:
+        raise FerlabError(
+            f"--drop-classes names {', '.join(typos)}, not a class of the votes file {votes.path} "
+            f"(classes: {', '.join(votes.classes)})."
+        )
+
+
+def relabel(
+    given: dict[str, list[Record]], votes: Votes, drop: Sequence[str]
+) -> tuple[dict[str, list[Record]], list[tuple[str, str]], list[str]]:
+    """Each record's class from its votes' majority. Returns the records that have one (of a class not dropped),
+    the image files left out with the reason, and warnings about rows that name no file of the folder."""
+    dropped = {canonical(d) for d in drop}
+    out: dict[str, list[Record]] = {}
+    left_out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for s, recs in given.items():
+        out[s] = []
+        for r in recs:
+            seen.add(r.file)
+            if r.file not in votes.counts:
+                left_out.append((r.file, f"no row in the votes file {votes.path}"))
+                continue
+            label = votes.majority.get(r.file)
+            if label is None:
+                left_out.append((r.file, "the votes have no emotion majority (FER+'s rule)"))
+            elif label not in dropped:
+                out[s].append(dataclasses.replace(r, cls=label))
+    notes = []
+    unused = len(set(votes.counts) - seen)
+    if unused:
+        notes.append(f"{unused} rows of the votes file {votes.path} name files that are not in the data folder")
+    return out, left_out, notes
 
 
 def _data_root(data: str | None) -> Path:
@@ -311,19 +372,20 @@ def _given_records(root: Path, cfg: DataConfig, fold: tuple[int, int] | None) ->
     """The records of each split the layout gives (``DIR/<class>`` is all train), and whether it is pre-split."""
     presplit = (root / "train").is_dir() and any((root / s).is_dir() for s in ("val", "test"))
     given: dict[str, list[Record]] = {}
+    drop = [] if cfg.labels else cfg.drop_classes  # with votes, --drop-classes names the votes' classes
     if presplit:
         for s in SPLITS:
             if (root / s).is_dir():
-                given[s] = scan(root / s, cfg.drop_classes, f"{s} split")
+                given[s] = scan(root / s, drop, f"{s} split")
     else:
-        given["train"] = scan(root, cfg.drop_classes, "data")
+        given["train"] = scan(root, drop, "data")
     if fold is not None and (presplit or cfg.test_dir):
         raise FerlabError(
             "--folds splits one folder-per-class tree itself; it cannot use train/val/test folders or --test-dir."
         )
-    check_drop(root / "train" if presplit else root, cfg.drop_classes, root)
+    check_drop(root / "train" if presplit else root, drop, root)
     if cfg.test_dir:
-        given["test"] = scan(Path(os.path.abspath(Path(cfg.test_dir).expanduser())), cfg.drop_classes, "test")
+        given["test"] = scan(Path(os.path.abspath(Path(cfg.test_dir).expanduser())), drop, "test")
     return given, presplit
 
 

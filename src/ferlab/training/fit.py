@@ -149,16 +149,24 @@ class Classifier(L.LightningModule):
         self.trainable.train()
         self.frozen.eval()  # frozen batch-norm statistics must not drift either
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        x, y = batch
+    def step(self, batch: tuple[torch.Tensor, ...], split: str) -> torch.Tensor:
+        """Loss and accuracy of one batch: (images, labels) or, with votes, (images, majority, vote distribution).
+        Training on votes uses the distribution as the target (``vote_target``); validation always reports the
+        loss against the majority (``val/loss``, what every model reports) and against the votes."""
+        x, y, votes = (*batch, None) if len(batch) == 2 else batch
         if split == "train" and self.augment is not None:
             x = self.augment(x)
         logits = self(x)
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        smoothing = self.cfg.label_smoothing
+        on_votes = votes is not None and split == "train" and self.cfg.vote_target == "distribution"
+        loss = nn.functional.cross_entropy(logits, votes if on_votes else y, label_smoothing=smoothing)
         acc = self.acc[f"{split}_acc"]
         acc(logits, y)
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        if votes is not None and split == "val":
+            vote_loss = nn.functional.cross_entropy(logits.float(), votes)
+            self.log("val/vote_loss", vote_loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -218,6 +226,7 @@ class EpochTable(Callback):
                 "epoch": self.first + trainer.current_epoch,
                 "stage": self.stage,
                 **{f"{s}_{k}": round(float(m[f"{s}/{k}"]), 6) for s in ("train", "val") for k in ("loss", "acc")},
+                **({"val_vote_loss": round(float(m["val/vote_loss"]), 6)} if "val/vote_loss" in m else {}),
                 "seconds": round(time.perf_counter() - self.t0, 3),
             }
         )
@@ -225,8 +234,9 @@ class EpochTable(Callback):
             r = self.rows[-1]
             print(
                 f"  epoch {r['epoch']:3d} (stage {r['stage']}): train acc {r['train_acc']:.4f} loss "
-                f"{r['train_loss']:.4f}, val acc {r['val_acc']:.4f} loss {r['val_loss']:.4f}, "
-                f"{r['seconds']:.1f} s",
+                f"{r['train_loss']:.4f}, val acc {r['val_acc']:.4f} loss {r['val_loss']:.4f}"
+                + (f" (votes {r['val_vote_loss']:.4f})" if "val_vote_loss" in r else "")
+                + f", {r['seconds']:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -345,11 +355,17 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None, distributed: bool = False
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None,
+    distributed: bool = False,
+    targets: torch.Tensor | None = None,
 ) -> DataLoader:
-    """Batches from in-memory tensors, shuffled by ``generator`` when one is given. On one process whole batches
-    are sliced at once (no per-item collation); under DDP a plain loader, so Lightning can shard it."""
-    ds = TensorDataset(x, y)
+    """Batches from in-memory tensors (with ``targets``, the vote distributions, as a third tensor), shuffled by
+    ``generator`` when one is given. On one process whole batches are sliced at once (no per-item collation);
+    under DDP a plain loader, so Lightning can shard it."""
+    ds = TensorDataset(x, y) if targets is None else TensorDataset(x, y, targets)
     pin = torch.cuda.is_available()
     if distributed:
         return DataLoader(ds, batch_size, shuffle=generator is not None, generator=generator, pin_memory=pin)
@@ -542,8 +558,8 @@ def _fit_stage(
         warnings.filterwarnings("ignore", ".*checkpoint.*")  # resuming from our own state file
         trainer.fit(
             module,
-            _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed),
-            _loader(xs["val"], val.labels, cfg.batch_size, None, distributed),
+            _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed, train.targets),
+            _loader(xs["val"], val.labels, cfg.batch_size, None, distributed, val.targets),
             ckpt_path=str(last) if last is not None and last.is_file() else None,
         )
     result.epochs += table.rows
