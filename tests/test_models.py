@@ -19,6 +19,7 @@ FAST_SIZE = {
     "mobilenetv2-transfer": 32,
     "vgg-small": 16,
     "vgg-medium": 16,
+    "emotion-transfer": 16,
 }
 
 
@@ -54,6 +55,7 @@ def test_forward_backward(name):
         ("mobilenetv2-transfer", 3_541_766, 1_317_894),
         ("vgg-small", 1_174_758, 1_174_758),
         ("vgg-medium", 2_639_958, 2_639_958),
+        ("emotion-transfer", 1_174_758, 1_542),  # vgg-small's, the head alone trainable in stage 1
     ],
 )
 def test_exact_parameter_counts(name, total, trainable):

@@ -123,7 +123,8 @@ def shapes_with_votes(tmp_path: Path) -> tuple[Path, Path]:
             v[(1, 2, 3)[i]] = 7
             v[0] = 3  # neutral: a minority on every image
             rows.append((f"{folder}/{f.name}", v))
-    no_row, no_majority = rows.pop(0), rows[0]
+    rows.pop(0)  # the first file has no row
+    no_majority = rows[0]
     rows[0] = (no_majority[0], [4, 3, 3, 0, 0, 0])
     rows.append(("a/gone.png", [0, 9, 0, 0, 1, 0]))
     return data, write_votes(tmp_path / "votes.csv", rows)

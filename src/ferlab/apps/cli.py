@@ -389,7 +389,14 @@ def _study(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _train_models(args: argparse.Namespace, cfg: StudyConfig) -> list[str]:
-    """The one model ferlab train trains: --model, or the config's only one."""
+    """The one model ferlab train trains: --model, emotion-transfer with --init, or the config's only one."""
+    if cfg.train.init and (args.model or "emotion-transfer") != "emotion-transfer":
+        raise FerlabError(
+            f"--init starts emotion-transfer from {cfg.train.init}, in the source's architecture; leave out "
+            f"--model {args.model} (or pass --model emotion-transfer)."
+        )
+    if cfg.train.init:
+        return ["emotion-transfer"]
     if args.model:
         return [args.model]
     if len(cfg.models) == 1:

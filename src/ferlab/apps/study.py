@@ -39,9 +39,9 @@ from ferlab.core.files import read_csv, unique_dir, write_csv, write_text
 from ferlab.data import demo
 from ferlab.data.datasets import Data, ImageSet, load_data, write_manifest
 from ferlab.inference import ood
-from ferlab.inference.model import calibrated, load_model, run_batches
-from ferlab.models.checkpoint import save_checkpoint
-from ferlab.models.registry import REGISTRY, STUDY, Net, create_model
+from ferlab.inference.model import calibrated, default_model_name, load_model, resolve, run_batches
+from ferlab.models.checkpoint import load_checkpoint, save_checkpoint, transplant
+from ferlab.models.registry import EMOTION_TRANSFER, REGISTRY, STUDY, Net, create_model
 from ferlab.models.summary import param_counts, summarize
 from ferlab.reporting.cards import FER2013_LICENSE
 from ferlab.reporting.crossval import summarize_runs
@@ -257,6 +257,8 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
     calib, unusual, train_acc_eval = validate(name, net, data, fit, cfg.train.seed)
     t = calib["temperature"]
     card = model_card(data, fit, calib, unusual, train_acc_eval, cfg)
+    if hasattr(net, "source"):
+        card["init"] = net.source
     # the test split is scored from the saved model card, through the one inference path `ferlab evaluate` takes;
     # the card is then written again with the test metrics in it
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
@@ -406,9 +408,27 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def build(name: str, data: Data, cfg: StudyConfig, seed: int) -> Net:
     torch.manual_seed(seed)  # initial weights are part of what one seed reproduces
+    if name == EMOTION_TRANSFER:
+        return build_from_source(data, cfg)
     return create_model(
         name, len(data.classes), data.pre.image_size, cfg.train.weights, cfg.train.backbone_size, cfg.train.tta
     )
+
+
+def build_from_source(data: Data, cfg: StudyConfig) -> Net:
+    """emotion-transfer: the source model's architecture and weights with a new head for ``data``'s classes (the
+    rows of classes both know copied). It takes the data's images and resizes them inside itself to the
+    source's input size, as transfer models do for their backbone; ``net.source`` says where it started."""
+    init = cfg.train.init or default_model_name()
+    source, card = load_checkpoint(resolve(init))
+    arch = card["model_args"].get("arch") or card["model"]
+    side = source.normalize.size or card["model_args"]["image_size"]
+    net = create_model(
+        EMOTION_TRANSFER, len(data.classes), data.pre.image_size, backbone_size=side, tta=cfg.train.tta, arch=arch
+    )
+    copied = transplant(net, source, card["classes"], data.classes)
+    net.source = {"model": str(init), "architecture": arch, "input_size": side, "classes_from_source": copied}
+    return net
 
 
 def run_split(cfg: StudyConfig, data: Data, split_dir: Path, models: list[str], left_out: list[dict]) -> list[Trained]:
@@ -540,7 +560,7 @@ def leave_out_unavailable(models: list[str], data: Data, cfg: StudyConfig) -> li
         try:
             build(name, data, cfg, cfg.train.seed)
         except FerlabError as e:
-            if len(models) == 1 or not REGISTRY[name].transfer:
+            if len(models) == 1 or not REGISTRY[name].transfer or (name == EMOTION_TRANSFER and cfg.train.init):
                 raise
             warn(f"{name} left out of this study: {e}")
             left_out.append({"model": name, "reason": str(e)})

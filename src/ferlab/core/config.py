@@ -112,6 +112,11 @@ class TrainConfig:
     erase: float = opt(0.0, "augmentation: probability of erasing a random rectangle (cutout)")
     tta: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror image")
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
+    init: str | None = opt(
+        None,
+        "emotion-transfer's starting point: a shipped model's name (fer2013, ...) or a ferlab checkpoint of a "
+        "vgg-small or vgg-medium (default: the default shipped model); `train --init` trains emotion-transfer",
+    )
     backbone_size: int = opt(
         224,
         "transfer models resize the image to SIZE x SIZE inside the model, for their backbone (ImageNet's 224 "

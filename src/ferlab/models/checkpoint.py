@@ -16,6 +16,7 @@ import torch
 
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import atomic
+from ferlab.core.names import same_class
 from ferlab.core.version import __version__
 from ferlab.data.images import Preprocess
 from ferlab.models.registry import REGISTRY, Net, create_model
@@ -36,6 +37,7 @@ def save_checkpoint(path: Path, net: Net, model: str, classes: list[str], pre: P
             "image_size": pre.image_size,
             "backbone_size": net.normalize.size,
             "tta": net.tta,
+            **({"arch": net.arch} if net.arch else {}),
         },
         "classes": list(classes),
         "preprocess": dataclasses.asdict(pre),
@@ -76,3 +78,28 @@ def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
     card = {k: v for k, v in payload.items() if k != "state_dict"}
     card["preprocess_obj"] = Preprocess(**card["preprocess"])
     return net, card
+
+
+def transplant(net: Net, source: Net, source_classes: list[str], classes: list[str]) -> list[str]:
+    """Start ``net`` from ``source`` (the same architecture): every weight but the last layer's, and that
+    layer's rows for the classes both know (matched through the synonyms: anger = angry). Returns those classes;
+    the other rows keep their fresh initialisation."""
+    own, src = net.state_dict(), source.state_dict()
+    last = [name for name, m in net.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    row_keys = {f"head.{last}.weight", f"head.{last}.bias"}
+    for key, value in src.items():
+        if key in row_keys:
+            continue
+        if key not in own or own[key].shape != value.shape:
+            raise FerlabError(f"The source model's weight {key} does not fit this {net.arch or 'model'}.")
+        own[key] = value.clone()
+    copied = []
+    for i, cls in enumerate(classes):
+        j = next((j for j, c in enumerate(source_classes) if same_class(c, cls)), None)
+        if j is None:
+            continue
+        copied.append(cls)
+        for key in row_keys:
+            own[key][i] = src[key][j]
+    net.load_state_dict(own)
+    return copied

@@ -110,6 +110,7 @@ class Net(nn.Module):
     def __init__(self, normalize: Normalize, body: Body, head: nn.Module, tta: bool = False):
         super().__init__()
         self.normalize, self.body, self.head, self.tta = normalize, body, head, tta
+        self.arch: str | None = None  # emotion-transfer: the architecture of the model it started from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta and not self.training:
@@ -173,20 +174,35 @@ def create_model(
     weights: str | None = "none",
     backbone_size: int | None = None,
     tta: bool = False,
+    arch: str | None = None,
 ) -> Net:
     """Build a registered model.
 
     Args:
-        weights: transfer models' backbone: ``imagenet``, ``none`` or a torchvision state-dict path.
+        weights: transfer models' backbone: ``imagenet``, ``none`` or a torchvision state-dict path
+            (emotion-transfer's weights come from its source model: see ``models.checkpoint.transplant``).
         backbone_size: transfer models resize their input to this side before the backbone (None or 0: as given).
         tta: average eval-mode logits over the image and its mirror image.
+        arch: emotion-transfer's architecture, its source model's (one of :data:`EMOTION_SOURCES`).
     """
     if name not in REGISTRY:
         raise FerlabError(f"Unknown model '{name}'; choose one of: {', '.join(REGISTRY)}.")
     if num_classes < 2:
         raise FerlabError(f"A classifier needs at least 2 classes, got {num_classes}.")
     spec = REGISTRY[name]
-    if spec.transfer:
+    if name == EMOTION_TRANSFER:
+        arch = arch or EMOTION_SOURCES[0]
+        if arch not in EMOTION_SOURCES:
+            raise FerlabError(
+                f"emotion-transfer starts from a {' or '.join(EMOTION_SOURCES)} model, not a {arch}; pass --init a "
+                "shipped model or a checkpoint of one of those."
+            )
+        net = REGISTRY[arch].build(num_classes, image_size)
+        net.arch = arch
+        for p in net.body.parameters():  # stage 1 trains the head alone, as for every transfer model
+            p.requires_grad_(False)
+        net.normalize.size = backbone_size if backbone_size and backbone_size != image_size else None
+    elif spec.transfer:
         if backbone_size and backbone_size < 32:
             raise FerlabError(
                 f"--backbone-size must be at least 32 pixels (or 0 for the image size), got {backbone_size}."
@@ -403,4 +419,21 @@ def mobilenetv2_transfer(num_classes: int, image_size: int, weights: str) -> Net
     )
 
 
-STUDY = ("baseline-cnn", "regularized-cnn", "vgg16-transfer")
+EMOTION_TRANSFER = "emotion-transfer"
+EMOTION_SOURCES = ("vgg-small", "vgg-medium")  # architectures emotion-transfer can start from
+
+
+@register(
+    EMOTION_TRANSFER,
+    "a face-emotion model (the shipped one, or --init NAME|CHECKPOINT) with a new head for this data's classes "
+    "(matching classes keep their rows): the head first, then the whole network at --fine-tune-lr",
+    min_size=16,
+    target_layer="body.26",
+    transfer=True,
+    study_label="emotion_transfer",
+)
+def emotion_transfer(num_classes: int, image_size: int, weights: str) -> Net:
+    raise AssertionError("create_model builds emotion-transfer from its source's architecture")
+
+
+STUDY = ("baseline-cnn", "regularized-cnn", "vgg16-transfer", EMOTION_TRANSFER)

@@ -35,7 +35,7 @@ from ferlab.core.errors import FerlabError
 from ferlab.core.files import atomic
 from ferlab.data.datasets import Data
 from ferlab.inference.model import run_batches
-from ferlab.models.registry import REGISTRY, Net
+from ferlab.models.registry import EMOTION_TRANSFER, REGISTRY, Net
 from ferlab.training.memory import keep_freed_memory
 from ferlab.training.precision import choose
 
@@ -394,8 +394,10 @@ def _stages(name: str, cfg: TrainConfig) -> list[tuple[int | None, float, bool]]
     if not REGISTRY[name].transfer:
         return [(None, cfg.lr, aug)]
     stages = [(0, cfg.lr, aug)]
-    if cfg.fine_tune and cfg.fine_tune_layers > 0:
-        stages.append((cfg.fine_tune_layers, cfg.fine_tune_lr, cfg.augment in ("on", "fine-tune")))
+    # an emotion model's every layer already knows faces: its second stage tunes them all (None)
+    units = None if name == EMOTION_TRANSFER else cfg.fine_tune_layers
+    if cfg.fine_tune and (units is None or units > 0):
+        stages.append((units, cfg.fine_tune_lr, cfg.augment in ("on", "fine-tune")))
     return stages
 
 
@@ -443,7 +445,8 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
     for p in net.split_at(0 if REGISTRY[name].transfer else None)[1].parameters():
         p.requires_grad_(True)
     net.cpu().eval()  # the frozen pass may have left layers on the GPU that the Trainer never saw
-    if features.shared is not None and is_rank_zero():
+    # the cached output is the chosen weights' only when no stage trained the layers below the cache's cut
+    if features.shared is not None and all(cached[done_stages:]) and is_rank_zero():
         result.train_logits = run_batches(net.part(features.cut, None), features.shared["train"].cpu().float())
     return result
 
