@@ -14,7 +14,7 @@ from ferlab.core.stats import holm, mcnemar_exact, mean_interval
 from ferlab.data.datasets import assign_folds, load_data
 from ferlab.reporting.crossval import verdict
 
-from .conftest import make_tree, only_run, read_csv, run_cli
+from .conftest import cli, make_tree, only_run, read_csv, run_cli
 
 
 def test_every_group_is_in_exactly_one_test_fold_and_classes_are_balanced():
@@ -126,3 +126,48 @@ def test_the_verdict_needs_the_pooled_test_and_the_per_fold_interval_to_agree():
     assert verdict(worse, 9, "test subjects").startswith("A is worse than B")
     weak = verdict({**row, "holm_p": 0.2, "diff_ci95_low": 0.01, "diff_ci95_high": 0.09}, 9, "test subjects")
     assert weak == "A and B are not distinguishable on 9 test subjects (Holm-corrected p = 0.2)"
+
+
+@pytest.mark.slow
+def test_learning_curve_subsets_are_nested_and_never_touch_the_test_fold(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=18, groups=18)
+    args = [
+        "run", str(data), "--group-by", r"^(G\d+)_", "--folds", "2", "--per-class", "2", "5", "--split", "0.7", "0.2",
+        "0.1", "--models", "vgg-small", "--image-size", "16", "--max-epochs", "1", "--no-progress",
+        "--out", str(tmp_path / "o"),
+    ]  # fmt: skip
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = only_run(tmp_path / "o")
+    for fold in (1, 2):
+        splits = {}
+        for where in ("", "per-class-2/", "per-class-5/"):
+            rows = read_csv(run / f"{where}fold-{fold}" / "manifest.csv")
+            splits[where] = {s: {x["file"] for x in rows if x["split"] == s} for s in ("train", "val", "test")}
+        full, two, five = splits[""], splits["per-class-2/"], splits["per-class-5/"]
+        assert two["test"] == five["test"] == full["test"] and two["val"] == five["val"] == full["val"]
+        assert two["train"] < five["train"] < full["train"]  # nested
+        assert len(two["train"]) == 3 * 2 and len(five["train"]) == 3 * 5
+    curve = read_csv(run / "learning_curve.csv")
+    assert [(c["model"], c["per_class"]) for c in curve] == [
+        ("vgg-small", "2"),
+        ("vgg-small", "5"),
+        ("vgg-small", "all"),
+    ]
+    assert [c["train_images_per_class"] for c in curve][:2] == ["2.0", "5.0"]
+    assert all(int(c["pooled_n"]) == 54 for c in curve)  # every image predicted once at every N
+    assert "How much data: the learning curve" in (run / "report.md").read_text()
+    assert (run / "report_files" / "learning-curve.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--per-class", "5"], "--per-class 5 draws a learning curve over folds; add --folds K."),
+        (["--folds", "2", "--per-class", "0"], "--per-class takes image counts of 1 or more, got 0."),
+        (["--folds", "2", "--per-class", "5", "5"], "--per-class names a count twice: 5 5."),
+    ],
+)
+def test_learning_curve_settings_are_checked(tmp_path, flags, message):
+    r = cli("run", make_tree(tmp_path / "d", per_class=4), "--models", "vgg-small", *flags)
+    assert r.returncode == 2 and message in r.stderr

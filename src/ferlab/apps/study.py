@@ -37,7 +37,7 @@ from ferlab.core.config import StudyConfig, merge, to_dict
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import read_csv, unique_dir, write_csv, write_text
 from ferlab.data import demo
-from ferlab.data.datasets import Data, ImageSet, load_data, write_manifest
+from ferlab.data.datasets import Data, ImageSet, cap_per_class, load_data, write_manifest
 from ferlab.inference import ood
 from ferlab.inference.model import calibrated, default_model_name, load_model, resolve, run_batches
 from ferlab.models.checkpoint import load_checkpoint, save_checkpoint, transplant
@@ -154,6 +154,13 @@ def check_config(cfg: StudyConfig, models: list[str]) -> None:
         )
     need(cfg.folds == 0 or cfg.folds >= 2, f"--folds must be 0 (one split) or at least 2, got {cfg.folds}.")
     need(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds names a seed twice: {' '.join(map(str, cfg.seeds))}.")
+    per_class = " ".join(map(str, cfg.per_class))
+    need(
+        not cfg.per_class or cfg.folds >= 2,
+        f"--per-class {per_class} draws a learning curve over folds; add --folds K.",
+    )
+    need(all(n >= 1 for n in cfg.per_class), f"--per-class takes image counts of 1 or more, got {per_class}.")
+    need(len(set(cfg.per_class)) == len(cfg.per_class), f"--per-class names a count twice: {per_class}.")
 
 
 def differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
@@ -505,8 +512,8 @@ def units(cfg: StudyConfig) -> list[tuple[int | None, int]]:
     return [(f, s) for f in folds for s in seeds]
 
 
-def unit_dir(run_dir: Path, cfg: StudyConfig, fold: int | None, seed: int) -> Path:
-    path = run_dir
+def unit_dir(run_dir: Path, cfg: StudyConfig, fold: int | None, seed: int, per_class: int | None = None) -> Path:
+    path = run_dir if per_class is None else run_dir / f"per-class-{per_class}"
     if fold is not None:
         path = path / f"fold-{fold + 1}"
     if len(cfg.seeds) > 1:
@@ -539,8 +546,12 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         for fold, seed in plan:
             data = first if (fold, seed) == plan[0] or fold is None else None  # seeds share one split
             results[(fold, seed)] = run_unit(run_dir, cfg, models, left_out, (fold, seed), data)
+        curve = {
+            n: {(fold, seed): run_unit(run_dir, cfg, models, left_out, (fold, seed), None, n) for fold, seed in plan}
+            for n in cfg.per_class
+        }
         if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
-            summarize_runs(run_dir, cfg, results)
+            summarize_runs(run_dir, cfg, results, curve)
     except BaseException as e:
         set_status(
             run_dir, "incomplete", reason=str(e) or e.__class__.__name__, resume=f"ferlab run --resume {run_dir}"
@@ -595,11 +606,12 @@ def run_unit(
     left_out: list[dict],
     unit: tuple[int | None, int],
     data: Data | None,
+    per_class: int | None = None,
 ) -> Path:
-    """One study of the run (a fold and a seed) into its folder, unless an earlier run of it finished it;
-    ``data``: the split when it is already open."""
+    """One study of the run (a fold and a seed, with at most ``per_class`` training images per class) into its
+    folder, unless an earlier run of it finished it; ``data``: the split when it is already open."""
     fold, seed = unit
-    where = unit_dir(run_dir, cfg, fold, seed)
+    where = unit_dir(run_dir, cfg, fold, seed, per_class)
     if fold is not None or len(cfg.seeds) > 1:
         if (where / "run.json").is_file():
             say(f"ferlab: {where.relative_to(run_dir)} finished in an earlier run; not computed again")
@@ -608,11 +620,14 @@ def run_unit(
             f"ferlab: {where.relative_to(run_dir)}: "
             + (f"fold {fold + 1} of {cfg.folds}" if fold is not None else "")
             + (f", seed {seed}" if len(cfg.seeds) > 1 else "")
+            + (f", at most {per_class} training images per class" if per_class else "")
         )
         if is_rank_zero():
             where.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = open_data(cfg, (fold, cfg.folds) if fold is not None else None)
+    if per_class is not None:  # one order per fold, whatever the seed and N: the subsets are nested
+        data = cap_per_class(data, per_class, seed=10_000 + (fold or 0))
     unit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
     run_split(unit_cfg, data, where, models, left_out)
     return where

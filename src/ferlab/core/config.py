@@ -159,6 +159,11 @@ class StudyConfig:
         "validation carved from the training folds; 0: one split",
     )
     seeds: list[int] = opt([], "repeat each study with these training seeds on the same split(s) (default: --seed)")
+    per_class: list[int] = opt(
+        [],
+        "learning curve: with --folds, the cross-validation again with at most N training images per class, for "
+        "each N (the test folds unchanged; a larger N's images hold a smaller one's)",
+    )
     keep_checkpoints: bool = opt(
         False, "keep each model's per-epoch training state (training-state/) after it finishes, not only model.ckpt"
     )

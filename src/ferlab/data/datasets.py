@@ -538,6 +538,40 @@ def _split_method(
     return method
 
 
+def cap_per_class(data: Data, n: int, seed: int) -> Data:
+    """``data`` with at most ``n`` training images per class (a learning curve's point): the first ``n`` of each
+    class in one seeded order of the training split, so a larger ``n``'s images hold a smaller one's. Validation
+    and test are unchanged; the manifest marks the training images left out as ``unused``."""
+    train = data.splits["train"]
+    order = np.random.default_rng(seed).permutation(len(train))
+    taken: Counter[int] = Counter()
+    keep = []
+    for i in order.tolist():
+        c = int(train.labels[i])
+        if taken[c] < n:
+            keep.append(i)
+            taken[c] += 1
+    keep.sort()
+    index = torch.tensor(keep, dtype=torch.long)
+    subset = ImageSet(
+        train.images[index],
+        train.labels[index],
+        [train.files[i] for i in keep],
+        None if train.targets is None else train.targets[index],
+    )
+    kept = set(subset.files)
+    manifest = [
+        dataclasses.replace(r, split="unused") if r.split == "train" and r.file not in kept else r
+        for r in data.manifest
+    ]
+    return dataclasses.replace(
+        data,
+        splits={**data.splits, "train": subset},
+        manifest=manifest,
+        split_method=f"{data.split_method}; at most {n} training images per class",
+    )
+
+
 def write_manifest(data: Data, path: Path) -> None:
     rows = [
         {

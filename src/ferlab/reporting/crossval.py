@@ -90,7 +90,55 @@ def per_fold(acc: dict[tuple, float]) -> tuple[dict[int, float], float]:
     return means, float(np.mean(sds))
 
 
-def summarize_runs(run_dir: Path, cfg: StudyConfig, results: dict[tuple[int | None, int], Path]) -> None:
+CURVE_COLUMNS = [
+    "model",
+    "per_class",
+    "train_images_per_class",
+    "mean_test_acc",
+    "pooled_acc",
+    "pooled_ci95_low",
+    "pooled_ci95_high",
+    "pooled_n",
+]
+
+
+def learning_curve(run_dir: Path, studies: dict[str, dict[tuple[int | None, int], Path]]) -> None:
+    """``learning_curve.csv``: per model and training-set size (at most N images per class, or ``all``), the
+    pooled out-of-fold accuracy (first seed) with its Wilson interval, and the mean test accuracy over folds."""
+    rows = []
+    for n, results in studies.items():
+        got = collect(results)
+        counts = [json.loads((w / "dataset.json").read_text())["counts"]["train"] for w in results.values()]
+        per_class = float(np.mean([np.mean(list(c.values())) for c in counts]))
+        for m in got["acc"]:
+            pairs = got["oof"].get(m, {})
+            right = sum(t == p for t, p in pairs.values())
+            lo, hi = wilson(right, len(pairs))
+            rows.append(
+                {
+                    "model": m,
+                    "per_class": n,
+                    "train_images_per_class": round(per_class, 1),
+                    "mean_test_acc": round(float(np.mean(list(per_fold(got["acc"][m])[0].values()))), 4),
+                    "pooled_acc": round(right / max(1, len(pairs)), 4),
+                    "pooled_ci95_low": round(lo, 4),
+                    "pooled_ci95_high": round(hi, 4),
+                    "pooled_n": len(pairs),
+                }
+            )
+    write_csv(run_dir / "learning_curve.csv", rows, CURVE_COLUMNS)
+
+
+def summarize_runs(
+    run_dir: Path,
+    cfg: StudyConfig,
+    results: dict[tuple[int | None, int], Path],
+    curve: dict[int, dict[tuple[int | None, int], Path]] | None = None,
+) -> None:
+    """The cross-validation's summary, pairs and report; with ``curve`` (per N, the studies with at most N
+    training images per class) the learning curve too."""
+    if curve:
+        learning_curve(run_dir, {**{str(n): r for n, r in sorted(curve.items())}, "all": results})
     got = collect(results)
     models = list(got["acc"])
     summary = []

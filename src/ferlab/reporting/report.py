@@ -698,7 +698,8 @@ def build_cv_report(run_dir: str | Path, own: bool = False) -> tuple[Path, Path]
     run = Path(run_dir)
     study = read_cv_study(run, own)
     doc = Doc(study.files)
-    for section in (cv_findings_section, cv_summary_section, cv_pairs_table, cv_plots, cv_folds_section):
+    sections = (cv_findings_section, cv_summary_section, cv_pairs_table, cv_plots, cv_curve_section, cv_folds_section)
+    for section in sections:
         section(doc, study)
     return write_report(doc, f"ferlab cross-validation report: {run.name}", run)
 
@@ -811,6 +812,63 @@ def cv_plots(doc: Doc, s: CVStudy) -> None:
         path = s.files / f"cv-confusion-{r['model']}.png"
         plot_confusion(conf.tolist(), classes, f"{r['model']}: pooled out-of-fold (n={conf.sum()})", path)
         doc.img(path, f"{r['model']}: confusion matrix pooled over the folds' test images (first seed)")
+
+
+def cv_curve_section(doc: Doc, s: CVStudy) -> None:
+    """The learning curve (``--per-class``): pooled out-of-fold accuracy against training images per class."""
+    path = s.run / "learning_curve.csv"
+    if not path.is_file():
+        return
+    rows = read_csv(path)
+    doc.h2("How much data: the learning curve")
+    doc.p(
+        "The same cross-validation with at most N training images per class (the test folds unchanged; a larger "
+        "N's images hold a smaller one's). Pooled out-of-fold accuracy of the first seed with its Wilson 95% "
+        "interval, and the mean test accuracy over folds."
+    )
+    doc.table(
+        [
+            "model",
+            "images per class (at most)",
+            "mean training images per class",
+            "pooled acc",
+            "95% CI",
+            "mean test acc",
+        ],
+        [
+            [
+                r["model"],
+                r["per_class"],
+                r["train_images_per_class"],
+                r["pooled_acc"],
+                f"{r['pooled_ci95_low']}-{r['pooled_ci95_high']}",
+                r["mean_test_acc"],
+            ]
+            for r in rows
+        ],
+    )
+    plot_curve(rows, s.files / "learning-curve.png")
+    doc.img(s.files / "learning-curve.png", "Pooled out-of-fold accuracy against training images per class")
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """One line per model: pooled accuracy (with its interval as error bars) against training images per class."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((float(r["train_images_per_class"]), r) for r in rows if r["model"] == m)
+        x = [p[0] for p in pts]
+        y = np.array([float(p[1]["pooled_acc"]) for p in pts])
+        lo = y - np.array([float(p[1]["pooled_ci95_low"]) for p in pts])
+        hi = np.array([float(p[1]["pooled_ci95_high"]) for p in pts]) - y
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("pooled out-of-fold accuracy")
+    ax.set_title("learning curve", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def cv_folds_section(doc: Doc, s: CVStudy) -> None:
