@@ -154,6 +154,12 @@ def check_config(cfg: StudyConfig, models: list[str]) -> None:
         )
     need(cfg.folds == 0 or cfg.folds >= 2, f"--folds must be 0 (one split) or at least 2, got {cfg.folds}.")
     need(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds names a seed twice: {' '.join(map(str, cfg.seeds))}.")
+    for flag, values in (("--seed", [t.seed]), ("--seeds", cfg.seeds)):
+        bad = [v for v in values if not 0 <= v < 2**32]
+        need(
+            not bad,
+            f"{flag} takes whole numbers from 0 to {2**32 - 1} (NumPy's seed range), got {bad[:1][0] if bad else ''}.",
+        )
     per_class = " ".join(map(str, cfg.per_class))
     need(
         not cfg.per_class or cfg.folds >= 2,
@@ -309,10 +315,14 @@ def validate(name: str, net: Net, data: Data, fit: FitResult, seed: int) -> tupl
     val_logits = run_batches(net, val.images)
     calib = calibration(val_logits, val.labels)
     t = calib["temperature"]
-    say(
-        f"ferlab: {name}: temperature {t:.3f} fitted on validation: expected calibration error "
-        f"{calib['val_ece_before']:.3f} -> {calib['val_ece_after']:.3f}"
-    )
+    if calib["method"].startswith("none"):
+        warn(f"{name}: not calibrated: {calib['method'].removeprefix('none: ')} (its confidences are the raw softmax)")
+    else:
+        say(
+            f"ferlab: {name}: temperature {t:.3f} fitted on validation"
+            + (" (bounded: validation is nearly separable)" if calib["bounded"] else "")
+            + f": expected calibration error {calib['val_ece_before']:.3f} -> {calib['val_ece_after']:.3f}"
+        )
     unusual = ood.fit(
         list(train.images.permute(0, 2, 3, 1).numpy()),
         list(val.images.permute(0, 2, 3, 1).numpy()),

@@ -6,6 +6,7 @@ import math
 
 import matplotlib
 
+from ferlab.core.stats import wilson
 from ferlab.reporting.metrics import expected_calibration_error
 
 matplotlib.use("Agg")
@@ -42,16 +43,44 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 MIN_CALIBRATION = 50  # validation images below which a fitted temperature is noise, not calibration
 
 
+def sharpest_supported(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The lowest temperature (at most 1) whose mean confidence on these logits stays within what their accuracy
+    supports: the lower end of its Wilson 95% interval. On a (nearly) separable validation split the NLL keeps
+    falling as T goes to zero, and a model fitted there would say 0.9995 wherever it is; 60 right answers out of
+    60 only show an accuracy of at least 0.94. Confidence falls as T rises, so a bisection on log T finds it."""
+    right = int((logits.argmax(1) == labels).sum())
+    ceiling = wilson(right, len(labels))[0]
+
+    def confidence(t: float) -> float:
+        return (logits.double() / t).softmax(1).max(1).values.mean().item()
+
+    if confidence(1.0) > ceiling:
+        return 1.0  # already over-confident unscaled: the bound never softens below T = 1's fit, it only limits
+    lo, hi = math.log(0.05), 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if confidence(math.exp(mid)) > ceiling else (lo, mid)
+    return round(math.exp(hi), 4)
+
+
 def calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """The card's calibration record: the temperature fitted on these (validation) logits, ECE and NLL before
-    and after."""
+    and after. The fit never sharpens beyond :func:`sharpest_supported`; ``bounded`` says when that decided."""
     few = len(labels) < MIN_CALIBRATION
-    t = 1.0 if few else fit_temperature(logits, labels)
+    fitted = 1.0 if few else fit_temperature(logits, labels)
+    floor = 1.0 if few else sharpest_supported(logits, labels)
+    bounded = fitted < floor
+    t = max(fitted, floor)
     before, after = logits.softmax(1), (logits / t).softmax(1)
+    method = "temperature scaling on the validation split"
+    if bounded:
+        method += (
+            f", bounded: the likelihood's temperature {fitted:g} would make the model more confident than its "
+            f"validation accuracy supports (mean confidence above the lower end of its 95% interval)"
+        )
     return {
-        "method": f"none: fewer than {MIN_CALIBRATION} validation images"
-        if few
-        else "temperature scaling on the validation split",
+        "method": f"none: fewer than {MIN_CALIBRATION} validation images" if few else method,
+        "bounded": bounded,
         "temperature": t,
         "val_ece_before": round(expected_calibration_error(before, labels), 4),
         "val_ece_after": round(expected_calibration_error(after, labels), 4),
