@@ -247,3 +247,24 @@ def test_a_fit_resumed_after_a_crash_stops_early_where_the_uninterrupted_fit_doe
 
     assert table(resumed) == table(whole) and resumed.best_epoch == whole.best_epoch
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), whole_net.state_dict().values()))
+
+
+def test_ctrl_c_during_an_epoch_is_exit_130_and_a_resumable_status(tmp_path):
+    """Lightning answers Ctrl-C inside fit with exit(1); ferlab answers it as before the first epoch: exit 130,
+    one line, and status.json saying why and how to resume."""
+    data = make_tree(tmp_path / "d", per_class=20)
+    cmd = [sys.executable, "-m", "ferlab", "train", str(data), "--model", "vgg-small", *TINY, "--max-epochs", "500", "--precision", "32",
+           "--patience", "0", "--out", str(tmp_path / "o")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "epoch   2" in line:  # mid-training: the next epoch has begun
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(lines) + rest
+    assert "Traceback" not in rest
+    assert "ferlab: interrupted; files already written in the run folder are complete." in rest
+    status = json.loads((only_run(tmp_path / "o") / "status.json").read_text())
+    assert status["state"] == "incomplete" and status["reason"] == "interrupted (Ctrl-C)"

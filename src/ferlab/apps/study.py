@@ -563,9 +563,8 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         if is_rank_zero() and (cfg.folds or len(cfg.seeds) > 1):
             summarize_runs(run_dir, cfg, results, curve)
     except BaseException as e:
-        set_status(
-            run_dir, "incomplete", reason=str(e) or e.__class__.__name__, resume=f"ferlab run --resume {run_dir}"
-        )
+        why = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e) or e.__class__.__name__
+        set_status(run_dir, "incomplete", reason=why, resume=f"ferlab run --resume {run_dir}")
         raise
     set_status(run_dir, "finished", wall_seconds=round(time.perf_counter() - t0, 2))
     say(f"ferlab: run folder {run_dir} ({time.perf_counter() - t0:.0f} s)")

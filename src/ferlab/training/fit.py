@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -559,12 +560,18 @@ def _fit_stage(
     distributed = is_distributed(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*checkpoint.*")  # resuming from our own state file
-        trainer.fit(
-            module,
-            _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed, train.targets),
-            _loader(xs["val"], val.labels, cfg.batch_size, None, distributed, val.targets),
-            ckpt_path=str(last) if last is not None and last.is_file() else None,
-        )
+        try:
+            trainer.fit(
+                module,
+                _loader(xs["train"], train.labels, cfg.batch_size, generator, distributed, train.targets),
+                _loader(xs["val"], val.labels, cfg.batch_size, None, distributed, val.targets),
+                ckpt_path=str(last) if last is not None and last.is_file() else None,
+            )
+        except SystemExit as e:  # Lightning turns Ctrl-C into exit(1): ferlab answers it as everywhere else
+            if isinstance(e.__context__, KeyboardInterrupt):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores a second Ctrl-C
+                raise KeyboardInterrupt from None
+            raise
     result.epochs += table.rows
     if keep.state is not None:
         net.load_state_dict(keep.state)
