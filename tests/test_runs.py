@@ -253,8 +253,8 @@ def test_ctrl_c_during_an_epoch_is_exit_130_and_a_resumable_status(tmp_path):
     """Lightning answers Ctrl-C inside fit with exit(1); ferlab answers it as before the first epoch: exit 130,
     one line, and status.json saying why and how to resume."""
     data = make_tree(tmp_path / "d", per_class=20)
-    cmd = [sys.executable, "-m", "ferlab", "train", str(data), "--model", "vgg-small", *TINY, "--max-epochs", "500", "--precision", "32",
-           "--patience", "0", "--out", str(tmp_path / "o")]  # fmt: skip
+    cmd = [sys.executable, "-m", "ferlab", "train", str(data), "--model", "vgg-small", *TINY, "--max-epochs", "500",
+           "--precision", "32", "--patience", "0", "--out", str(tmp_path / "o")]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = []
     for line in proc.stderr:
