@@ -2,6 +2,7 @@
 
 usage:
     python benchmarks/infer_bench.py [--models fer2013 regularized-cnn ...] [--video] [--json out.json]
+    python benchmarks/infer_bench.py --busy 2        # one photo and one face, quiet and beside 2 neighbours
 
 Per model, each runtime in the same process, interleaved rounds, medians: the latency of one face (a model
 input already cropped: what "classify a face" costs) and the throughput of 64-face batches. A registry name
@@ -156,14 +157,78 @@ def bench_video(name: str, tmp: Path) -> list[dict]:
     return rows
 
 
+def neighbour(stop) -> None:  # a training-like job: PyTorch matmuls on two threads, until told to stop
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    while not stop.is_set():
+        a = (a @ a).clamp_(-1, 1)
+
+
+def bench_busy(neighbours: int, rounds: int) -> list[dict]:
+    """One photo through ``ferlab.analyze`` and one face through the model, quiet and then beside
+    ``neighbours`` spawned PyTorch processes, with ferlab's small-batch thread policy (one intra-op thread for
+    at most ``SMALL_BATCH`` images) and without it (every thread), interleaved; medians in ms."""
+    import multiprocessing
+
+    import ferlab
+    from ferlab.inference import model as inference
+
+    data = photo_bytes()
+    model = load_model("fer2013")
+    face = torch.randint(0, 256, (1, 3, 48, 48), dtype=torch.uint8)
+    policies = {"one thread for small batches": inference.SMALL_BATCH, "every thread": 0}
+    rows = []
+    ctx = multiprocessing.get_context("spawn")  # forked children of a process running torch/ORT deadlock
+    for load in ("quiet", f"{neighbours} neighbours"):
+        stop, procs = ctx.Event(), []
+        if load != "quiet":
+            procs = [ctx.Process(target=neighbour, args=(stop,)) for _ in range(neighbours)]
+            for p in procs:
+                p.start()
+            time.sleep(3)  # let them reach full speed
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for policy, small in policies.items():
+                inference.SMALL_BATCH = small
+                for what, fn in (
+                    ("photo", lambda: ferlab.analyze(Image.open(io.BytesIO(data)), model=model)),
+                    ("face", lambda: model.runtime.logits(face)),
+                ):
+                    t = time.perf_counter()
+                    fn()
+                    times.setdefault((policy, what), []).append(1000 * (time.perf_counter() - t))
+        stop.set()
+        for p in procs:
+            p.join()
+        for (policy, what), ts in times.items():
+            rows.append({"load": load, "policy": policy, "what": what, "ms": statistics.median(ts[1:])})
+    inference.SMALL_BATCH = policies["one thread for small batches"]
+    print(f"{'load':<14} {'policy':<30} {'photo ms':>9} {'face ms':>8}")
+    for load in dict.fromkeys(r["load"] for r in rows):
+        for policy in policies:
+            ms = {r["what"]: r["ms"] for r in rows if r["load"] == load and r["policy"] == policy}
+            print(f"{load:<14} {policy:<30} {ms['photo']:9.1f} {ms['face']:8.2f}")
+    for policy in policies:
+        q, b = (next(r["ms"] for r in rows if r["load"] == ld and r["policy"] == policy and r["what"] == "photo")
+                for ld in ("quiet", f"{neighbours} neighbours"))  # fmt: skip
+        print(f"photo, busy / quiet, {policy}: {b / q:.2f}x")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["fer2013", "regularized-cnn", "baseline-cnn", "vgg-small"])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--video", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--busy", type=int, metavar="N", help="only the load test: quiet, then beside N neighbours")
     args = ap.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.busy:
+        rows = bench_busy(args.busy, args.rounds)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     result: dict = {"rows": []}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,21 @@ def test_summary_takes_a_checkpoint_as_well_as_a_name(tiny_model):
     assert "314,819" in by_file.stdout
     r = cli("summary", "no-such-model")
     assert r.returncode == 2 and "No checkpoint file or shipped model called 'no-such-model'" in r.stderr
+
+
+def test_small_batches_run_on_one_thread_and_large_ones_on_every_thread():
+    """A face or a few run on one intra-op thread (spinning threads collapse when other work shares the CPU);
+    a large batch keeps every thread; the process's setting is restored either way."""
+    from ferlab.inference import model as inference
+
+    m = inference.load_model("fer2013", cache=False)
+    seen = []
+    m.runtime.net.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        m.runtime.logits(torch.zeros(1, 3, 48, 48, dtype=torch.uint8))
+        m.runtime.logits(torch.zeros(inference.SMALL_BATCH + 1, 3, 48, 48, dtype=torch.uint8))
+        assert seen == [1, 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -79,6 +81,30 @@ class Runtime:
         raise NotImplementedError
 
 
+# Batches of at most this many images run on one intra-op thread on a CPU. PyTorch's threads spin-wait for
+# each other between the many small operations of a small batch; when other work shares the cores (a web app,
+# a video decoder, a training job), a thread that lost its core stalls all of them, and one face took 4-7x its
+# quiet time. One thread costs a small batch little when the machine is quiet (docs/benchmarks.md, threads).
+SMALL_BATCH = 8
+_THREADS = threading.Lock()
+
+
+@contextmanager
+def threads_for(images: int) -> Iterator[None]:
+    """One intra-op thread while a batch of at most :data:`SMALL_BATCH` images runs (process-wide, so under a
+    lock); larger batches use every thread."""
+    before = torch.get_num_threads()
+    if images > SMALL_BATCH or before == 1:
+        yield
+        return
+    with _THREADS:
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
 class TorchRuntime(Runtime):
     kind = "pytorch"
 
@@ -86,7 +112,8 @@ class TorchRuntime(Runtime):
         self.net = net.eval()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return run_batches(self.net, x)
+        with threads_for(len(x)):
+            return run_batches(self.net, x)
 
 
 class OnnxRuntime(Runtime):
