@@ -190,7 +190,7 @@ def test_predict_pages_the_grid_and_shows_truth_only_when_known(tiny_model, tmp_
 
     assert Image.open(pages[0]).size == grid_size(GRID_PANELS, 1, truth=False)  # no "true: ?" line without labels
     assert Image.open(pages[1]).size == grid_size(12, 1, truth=False)
-    assert "prediction_grid.png and 1 more page\n" in r.stdout  # not "1 more pages"
+    assert f"and {tmp_path / 'p' / 'prediction_grid.png'}, {tmp_path / 'p' / 'prediction_grid_2.png'}\n" in r.stdout
 
 
 # ------------------------------------------------------------------------------------------- precision auto

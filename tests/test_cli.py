@@ -186,7 +186,8 @@ def _one_error_line(r, message: str) -> None:
         ("out-under-proc", "cannot use /proc/ferlab-out: no such file or directory."),
         (
             "explain-onnx",
-            "Grad-CAM needs the PyTorch model and {tmp}/f.onnx is an ONNX file; explain it with --explain",
+            "Grad-CAM needs the PyTorch model and {tmp}/f.onnx is an ONNX file; explain it with --explain-method "
+            "occlusion.",
         ),
         ("video-option-on-images", "--every, --smooth: for videos only, and none of the inputs is a video."),
         (
@@ -216,7 +217,7 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     elif case == "explain-onnx":  # refused before the CSV and grid were written, not after
         assert cli("export", "fer2013", "--out", str(tmp_path / "f.onnx")).returncode == 0
         d = make_tree(tmp_path / "d", per_class=1)
-        r = cli("predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "gradcam", "--out", str(out))
+        r = cli("predict", "--checkpoint", str(tmp_path / "f.onnx"), str(d), "--explain", "--out", str(out))
     elif case == "video-option-on-images":  # was silently ignored
         d = make_tree(tmp_path / "d", per_class=1)
         r = cli("predict", str(d), "--every", "5", "--smooth", "0", "--out", str(out))
@@ -276,3 +277,45 @@ def test_every_command_prints_its_help(capsys):
             parser.parse_args([name, "--help"])
         assert done.value.code == 0, name
         assert "usage: ferlab " + name in capsys.readouterr().out
+
+
+def test_explain_is_a_flag_that_leaves_the_next_path_alone(tmp_path):
+    """`--explain photo.png` once read photo.png as the method; every page written is named in the summary."""
+    d = make_tree(tmp_path / "d", per_class=1)
+    photo = next(d.rglob("*.png"))
+    r = cli("predict", "--explain", str(photo), "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p" / "explanations").is_dir()
+    pages = [tmp_path / "p" / "prediction_grid.png", tmp_path / "p" / "explanation_grid.png"]
+    assert all(p.is_file() for p in pages) and f"and {pages[0]}, {pages[1]}\n" in r.stdout
+
+
+def test_predict_names_broken_links_and_loops_among_the_skipped_files(tmp_path):
+    d = make_tree(tmp_path / "d", per_class=2)
+    (d / "circle" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (d / "circle" / "loop.png").symlink_to(d / "circle" / "loop.png")
+    r = cli("predict", str(d), "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    skipped = {Path(row["file"]).name for row in read_csv(tmp_path / "p" / "skipped_files.csv")}
+    assert skipped == {"gone.png", "loop.png"}
+    assert "2 inputs skipped" in r.stderr
+
+
+def test_an_empty_class_folder_is_said_in_train_and_evaluate(tmp_path):
+    d = make_tree(tmp_path / "d", per_class=10)
+    (d / "hexagon").mkdir()
+    r = cli("train", str(d), "--model", "vgg-small", "--image-size", "16", "--max-epochs", "1", "--no-progress",
+            "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    note = f"the class folder(s) hexagon of {d} hold no files; they are not classes of this data"
+    assert note in r.stderr
+    model = next((tmp_path / "o").glob("*/vgg-small/model.ckpt"))
+    r = cli("evaluate", str(model), str(d), "--out", str(tmp_path / "e"))
+    assert r.returncode == 0 and note in r.stderr
+
+
+def test_export_refuses_a_missing_folder_as_every_command_does(tmp_path):
+    r = cli("export", "fer2013", "--out", str(tmp_path / "no" / "such" / "f.onnx"))
+    assert r.returncode == 2
+    assert f"The folder {tmp_path / 'no' / 'such'} for the exported file does not exist; create it first." in r.stderr
+    assert not (tmp_path / "no").exists()

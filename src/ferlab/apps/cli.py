@@ -112,11 +112,14 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument(
         "--explain",
-        nargs="?",
-        const="gradcam",
+        action="store_true",
+        help="also write each face's heatmap for its predicted class into explanations/ and explanation_grid.png",
+    )
+    pr.add_argument(
+        "--explain-method",
         choices=("gradcam", "occlusion"),
-        help="also write each face's heatmap for its predicted class into explanations/ and explanation_grid.png "
-        "(gradcam, the default; occlusion also explains ONNX models)",
+        help="how --explain explains (implies it): gradcam (the default) or occlusion (forward passes only: it "
+        "explains ONNX models too)",
     )
     pr.add_argument("--every", type=int, help="videos: classify every Nth frame")
     pr.add_argument("--fps", type=float, help="videos: classify this many frames per second")
@@ -328,12 +331,17 @@ def _predict(args: argparse.Namespace) -> int:
     return _predict_images(args, out)
 
 
+def _explain(args: argparse.Namespace) -> str | None:
+    """The explanation method predict was asked for (--explain-method implies --explain), or None."""
+    return args.explain_method or ("gradcam" if args.explain else None)
+
+
 def _predict_video(args: argparse.Namespace, video: str, out: Path) -> int:
     from ferlab.apps.video import run_video
 
     if len(args.inputs) > 1:
         raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
-    image_only = (("--labels", args.labels), ("--all-faces", args.all_faces), ("--explain", args.explain))
+    image_only = (("--labels", args.labels), ("--all-faces", args.all_faces), ("--explain", _explain(args)))
     used = [f for f, v in image_only if v]
     if used:
         them = "it" if len(used) == 1 else "them"
@@ -352,7 +360,9 @@ def _predict_images(args: argparse.Namespace, out: Path) -> int:
     used = [f for f, v in video_only if v is not None]
     if used:
         raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
-    p = run_predict(args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, args.explain)
+    p = run_predict(
+        args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, _explain(args)
+    )
     if p.skipped:
         print(
             f"ferlab: warning: {plural(len(p.skipped), 'input')} skipped (reasons in {out / 'skipped_files.csv'})",
@@ -360,10 +370,9 @@ def _predict_images(args: argparse.Namespace, out: Path) -> int:
         )
     for line in summary_lines(p):
         print(f"ferlab: {line}")
-    more = len(p.grids) - 1
-    grids = p.grids[0].name + (f" and {plural(more, 'more page')}" if more else "")
+    grids = ", ".join(str(out / g.name) for g in p.grids)
     done = sum(bool(r.preds) for r in p.rows)  # a row no model could predict says why in its own cells
-    print(f"ferlab: {plural(done, 'prediction')} in {out / 'prediction_results.csv'} and {out / grids}")
+    print(f"ferlab: {plural(done, 'prediction')} in {out / 'prediction_results.csv'} and {grids}")
     return 0
 
 

@@ -15,7 +15,7 @@ import torch
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_csv
 from ferlab.core.names import canonical
-from ferlab.data.datasets import check_drop, check_vote_drop, relabel, scan
+from ferlab.data.datasets import check_drop, check_vote_drop, empty_note, relabel, scan
 from ferlab.data.votes import Votes, read_votes
 from ferlab.inference.model import Model, calibrated, load_model
 from ferlab.reporting.metrics import expected_calibration_error, overlap, score_and_record
@@ -128,6 +128,8 @@ def evaluate_model(
     present = sorted(set(y.tolist()))
     counts = torch.bincount(y, minlength=len(classes))
     notes = []
+    if labels is None:
+        notes += empty_note(Path(os.path.abspath(Path(folder).expanduser())), drop)
     if mapped:
         notes.append("mapped classes: " + ", ".join(mapped))
     if drop:

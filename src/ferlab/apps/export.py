@@ -167,6 +167,8 @@ def export_onnx(
         raise FerlabError("--data, --class-map and --drop-classes measure what --quantize int8 costs; give it too.")
     src = Path(model.name)
     target = Path(out) if out else (src.with_suffix(".onnx") if src.exists() else Path(f"{model.name}.onnx"))
+    if not target.parent.is_dir():  # as every other command: a missing folder is a typo more often than a wish
+        raise FerlabError(f"The folder {target.parent} for the exported file does not exist; create it first.")
     blob = _onnx_bytes(model)
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / "model.onnx"
@@ -181,7 +183,6 @@ def export_onnx(
         result = ExportResult(target, diff, len(blob))
         if quantize:  # the data is read (and any mistake in it refused) before a file is written
             acc32 = accuracy_on(exported, data, class_map, drop_classes)
-        target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(target, blob)
         if quantize:
             result.int8_path, result.accuracy = _quantize(

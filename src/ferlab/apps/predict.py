@@ -50,8 +50,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise FerlabError(f"The pattern {item} matches no files.")
             found += [p for p in matches if p.is_file()]
         elif Path(item).is_dir():
+            # broken links (and link loops) too: they are reported as skipped files, not silently left out
             files = sorted(
-                (p for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith(".")), key=natural_key
+                (p for p in Path(item).rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")),
+                key=natural_key,
             )
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
                 raise FerlabError(f"The folder {item} holds no images to predict.")

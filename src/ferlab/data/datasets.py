@@ -68,6 +68,18 @@ def scan(root: Path, drop: Sequence[str], what: str) -> list[Record]:
     return records
 
 
+def empty_classes(root: Path, drop: Sequence[str]) -> list[str]:
+    """Class folders of ``root`` that hold no file: not classes of the data, which a user should hear about."""
+    return [d.name for d in _class_dirs(root, drop) if not _files(d)]
+
+
+def empty_note(root: Path, drop: Sequence[str]) -> list[str]:
+    empty = empty_classes(root, drop)
+    if not empty:
+        return []
+    return [f"the class folder(s) {', '.join(empty)} of {root} hold no files; they are not classes of this data"]
+
+
 def check_drop(root: Path, drop: Sequence[str], shown: Path | None = None) -> None:
     """Every class named to be dropped is a class folder of ``root``: a typo is an error, not a no-op."""
     present = {d.name for d in _class_dirs(root, [])}
@@ -274,7 +286,8 @@ def load_data(
     root = _data_root(cfg.data)
     pattern = _group_pattern(cfg.group_by)
     given, presplit = _given_records(root, cfg, fold)
-    votes, unvoted, notes = None, [], []
+    votes, unvoted = None, []
+    notes = [] if cfg.labels else empty_note(root / "train" if presplit else root, cfg.drop_classes)
     if cfg.labels:
         votes = read_votes(cfg.labels, root)
         check_vote_drop(votes, cfg.drop_classes)

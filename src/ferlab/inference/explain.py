@@ -49,7 +49,8 @@ def check_method(model: Model, method: str) -> None:
         raise FerlabError(f"Unknown explanation method '{method}'; choose one of: {', '.join(METHODS)}.")
     if method == "gradcam" and not isinstance(model.runtime, TorchRuntime):
         raise FerlabError(
-            f"Grad-CAM needs the PyTorch model and {model.name} is an ONNX file; explain it with --explain occlusion."
+            f"Grad-CAM needs the PyTorch model and {model.name} is an ONNX file; explain it with "
+            "--explain-method occlusion."
         )
 
 
