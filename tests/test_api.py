@@ -165,6 +165,15 @@ def test_evaluate_maps_drops_says_baselines_and_warns_of_training_overlap(tiny_m
     assert "warning: 1 of 14 files could not be read as images and were left out" in r.stderr
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["overlap"]["train"] + m["overlap"]["val"] >= 8 and (tmp_path / "e" / "reliability.png").is_file()
+    listed = read_csv(tmp_path / "e" / "overlap_files.csv")  # the overlap, named, and the accuracy without it
+    assert len(listed) == m["overlap"]["train"] + m["overlap"]["val"] == 13 - m["unseen"]["n"]
+    predictions = {row["file"]: row for row in read_csv(tmp_path / "e" / "predictions.csv")}
+    fresh = [row for f, row in predictions.items() if f not in {x["file"] for x in listed}]
+    assert m["unseen"]["correct"] == sum(row["true"] == row["predicted"] for row in fresh)
+    if m["unseen"]["n"]:
+        assert f"without them the accuracy is {m['unseen']['accuracy']:.4f} (n={m['unseen']['n']})" in r.stderr
+    else:
+        assert "no image is left without them" in r.stderr
 
 
 def test_natural_order():

@@ -15,10 +15,11 @@ import torch
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_csv
 from ferlab.core.names import canonical
+from ferlab.core.stats import wilson
 from ferlab.data.datasets import check_drop, check_vote_drop, empty_note, relabel, scan
 from ferlab.data.votes import Votes, read_votes
 from ferlab.inference.model import Model, calibrated, load_model
-from ferlab.reporting.metrics import expected_calibration_error, overlap, score_and_record
+from ferlab.reporting.metrics import expected_calibration_error, overlapping, score_and_record
 
 
 def parse_class_map(text: str | None) -> dict[str, str]:
@@ -141,20 +142,35 @@ def evaluate_model(
             "predicting them counts as wrong"
         )
     data_card = model.card.get("data", {})
-    in_train = overlap(files, data_card.get("train_digests"))
-    in_val = overlap(files, data_card.get("val_digests"))
+    seen_train = overlapping(files, data_card.get("train_digests"))
+    seen_val = overlapping(files, data_card.get("val_digests"))
+    in_train, in_val = sum(seen_train), sum(seen_val)
+    seen = [a or b for a, b in zip(seen_train, seen_val)]
     warnings_ = []
     if skipped:
         warnings_.append(
             f"{len(skipped)} of {len(skipped) + len(files)} files could not be read as images and were left out "
             f"(each with its reason in {out / 'skipped_files.csv'})"
         )
-    if in_train or in_val:
-        warnings_.append(
-            f"{in_train + in_val} of {len(files)} evaluation images were among this model's own training images "
-            f"({in_train} in its training split, {in_val} in its validation split): this is not a fair test"
-        )
     out.mkdir(parents=True, exist_ok=True)
+    unseen = None
+    if any(seen):
+        unseen = unseen_accuracy(probs, y, seen)
+        write_csv(
+            out / "overlap_files.csv",
+            [{"file": f, "split": "train" if t else "val"} for f, t, s in zip(files, seen_train, seen) if s],
+            ["file", "split"],
+        )
+        warnings_.append(
+            f"{sum(seen)} of {len(files)} evaluation images were among this model's own training images "
+            f"({in_train} in its training split, {in_val} in its validation split; listed in "
+            f"{out / 'overlap_files.csv'}): this is not a fair test; "
+            + (
+                f"without them the accuracy is {unseen['accuracy']:.4f} (n={unseen['n']})"
+                if unseen["n"]
+                else "no image is left without them"
+            )
+        )
     m = score_and_record(
         probs,
         y,
@@ -176,7 +192,22 @@ def evaluate_model(
         notes=notes,
         warnings=warnings_,
         overlap={"train": in_train, "val": in_val},
+        unseen=unseen,
         **extra,
     )
     write_csv(out / "skipped_files.csv", skipped, ["file", "reason"])
     return m
+
+
+def unseen_accuracy(probs: torch.Tensor, y: torch.Tensor, seen: list[bool]) -> dict:
+    """Accuracy on the images the model never trained or chose its epoch on, with its Wilson interval."""
+    keep = torch.tensor([not s for s in seen])
+    n = int(keep.sum())
+    right = int((probs.argmax(1)[keep] == y[keep]).sum())
+    lo, hi = wilson(right, n)
+    return {
+        "n": n,
+        "correct": right,
+        "accuracy": round(right / n, 4) if n else 0.0,
+        "ci95": [round(lo, 4), round(hi, 4)],
+    }

@@ -177,7 +177,20 @@ def digests(files: list[str]) -> torch.Tensor:
 
 
 def overlap(files: list[str], known: torch.Tensor | None) -> int:
+    return sum(overlapping(files, known))
+
+
+def overlapping(files: list[str], known: torch.Tensor | None) -> list[bool]:
+    """Per file: whether its bytes are among ``known`` (a card's training or validation digests)."""
     if known is None or not len(known):
-        return 0
-    mine = digests(files)
-    return int(torch.isin(mine, known).sum())
+        return [False] * len(files)
+    keys = set(known.tolist())
+    out = []
+    for f in files:
+        try:
+            d = hashlib.blake2b(Path(f).read_bytes(), digest_size=8).digest()
+        except OSError:
+            out.append(False)
+            continue
+        out.append(int.from_bytes(d, "little", signed=True) in keys)
+    return out
