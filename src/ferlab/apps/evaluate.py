@@ -141,11 +141,6 @@ def evaluate_model(
             f"the model also knows {', '.join(absent)}, which this data has no images of; "
             "predicting them counts as wrong"
         )
-    data_card = model.card.get("data", {})
-    seen_train = overlapping(files, data_card.get("train_digests"))
-    seen_val = overlapping(files, data_card.get("val_digests"))
-    in_train, in_val = sum(seen_train), sum(seen_val)
-    seen = [a or b for a, b in zip(seen_train, seen_val)]
     warnings_ = []
     if skipped:
         warnings_.append(
@@ -153,24 +148,8 @@ def evaluate_model(
             f"(each with its reason in {out / 'skipped_files.csv'})"
         )
     out.mkdir(parents=True, exist_ok=True)
-    unseen = None
-    if any(seen):
-        unseen = unseen_accuracy(probs, y, seen)
-        write_csv(
-            out / "overlap_files.csv",
-            [{"file": f, "split": "train" if t else "val"} for f, t, s in zip(files, seen_train, seen) if s],
-            ["file", "split"],
-        )
-        warnings_.append(
-            f"{sum(seen)} of {len(files)} evaluation images were among this model's own training images "
-            f"({in_train} in its training split, {in_val} in its validation split; listed in "
-            f"{out / 'overlap_files.csv'}): this is not a fair test; "
-            + (
-                f"without them the accuracy is {unseen['accuracy']:.4f} (n={unseen['n']})"
-                if unseen["n"]
-                else "no image is left without them"
-            )
-        )
+    (in_train, in_val), unseen, warning = own_images(model, files, probs, y, out)
+    warnings_ += [warning] if warning else []
     m = score_and_record(
         probs,
         y,
@@ -211,3 +190,35 @@ def unseen_accuracy(probs: torch.Tensor, y: torch.Tensor, seen: list[bool]) -> d
         "accuracy": round(right / n, 4) if n else 0.0,
         "ci95": [round(lo, 4), round(hi, 4)],
     }
+
+
+def own_images(
+    model: Model, files: list[str], probs: torch.Tensor, y: torch.Tensor, out: Path
+) -> tuple[tuple[int, int], dict | None, str]:
+    """Which evaluation images the model trained on or chose its epoch on (its card's digests): how many of each,
+    the accuracy without them, and the warning; they are listed in ``out/overlap_files.csv``."""
+    data_card = model.card.get("data", {})
+    seen_train = overlapping(files, data_card.get("train_digests"))
+    seen_val = overlapping(files, data_card.get("val_digests"))
+    seen = [a or b for a, b in zip(seen_train, seen_val)]
+    counts = (sum(seen_train), sum(seen_val))
+    if not any(seen):
+        return counts, None, ""
+    unseen = unseen_accuracy(probs, y, seen)
+    write_csv(
+        out / "overlap_files.csv",
+        [{"file": f, "split": "train" if t else "val"} for f, t, s in zip(files, seen_train, seen) if s],
+        ["file", "split"],
+    )
+    without = (
+        f"without them the accuracy is {unseen['accuracy']:.4f} (n={unseen['n']})"
+        if unseen["n"]
+        else "no image is left without them"
+    )
+    return (
+        counts,
+        unseen,
+        f"{sum(seen)} of {len(files)} evaluation images were among this model's own training images ({counts[0]} in "
+        f"its training split, {counts[1]} in its validation split; listed in {out / 'overlap_files.csv'}): this is "
+        f"not a fair test; {without}",
+    )

@@ -82,42 +82,18 @@ def warn(msg: str) -> None:
 # ------------------------------------------------------------------------------------------ settings checks
 
 
+def need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise FerlabError(msg)
+
+
 def check_config(cfg: StudyConfig, models: list[str]) -> None:
     """Every setting that cannot work, refused in one sentence before any data is read or model trained."""
     t, d = cfg.train, cfg.data
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise FerlabError(msg)
-
+    check_training(cfg)
     for m in models:
         need(m in REGISTRY, f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
     need(len(set(models)) == len(models), f"--models names a model twice: {' '.join(models)}.")
-    need(t.max_epochs >= 1, f"--max-epochs must be at least 1, got {t.max_epochs}.")
-    need(t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}.")
-    need(t.patience >= 0, f"--patience must be 0 (never stop early) or more, got {t.patience}.")
-    need(
-        t.lr > 0 and t.fine_tune_lr > 0,
-        f"learning rates must be positive, got --lr {t.lr} --fine-tune-lr {t.fine_tune_lr}.",
-    )
-    need(t.weight_decay >= 0, f"--weight-decay must not be negative, got {t.weight_decay}.")
-    need(0 <= t.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {t.label_smoothing}.")
-    need(0 <= t.erase <= 1, f"--erase is a probability in [0, 1], got {t.erase}.")
-    need(0 <= t.rotate <= 180, f"--rotate must be 0-180 degrees, got {t.rotate}.")
-    for name, v in (("shift", t.shift), ("zoom", t.zoom), ("jitter", t.jitter)):
-        need(0 <= v < 1, f"--{name} must be in [0, 1), got {v}.")
-    need(t.fine_tune_layers >= 0, f"--fine-tune-layers must not be negative, got {t.fine_tune_layers}.")
-    need(t.num_nodes >= 1, f"--num-nodes must be at least 1, got {t.num_nodes}.")
-    devices = str(t.devices)
-    need(
-        devices in ("auto", "-1") or all(p.strip().isdigit() for p in devices.split(",")) and devices != "0",
-        f"--devices must be auto, a positive count or a comma-separated list of device ids, got '{devices}'.",
-    )
-    if t.accelerator in ("gpu", "cuda"):
-        need(
-            torch.cuda.is_available(),
-            f"--accelerator {t.accelerator} asks for a GPU, but this machine has no CUDA device.",
-        )
     split = d.split
     need(len(split) == 3, f"--split needs three fractions (train val test), got {len(split)}.")
     need(min(split) >= 0, f"--split fractions must not be negative, got {' '.join(map(str, split))}.")
@@ -151,6 +127,36 @@ def check_config(cfg: StudyConfig, models: list[str]) -> None:
             + f", but would get {side}x{side}; raise --image-size"
             + (" or --backbone-size" if spec.transfer else "")
             + ".",
+        )
+
+
+def check_training(cfg: StudyConfig) -> None:
+    """The training settings and the run's folds, seeds and learning-curve sizes."""
+    t = cfg.train
+    need(t.max_epochs >= 1, f"--max-epochs must be at least 1, got {t.max_epochs}.")
+    need(t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}.")
+    need(t.patience >= 0, f"--patience must be 0 (never stop early) or more, got {t.patience}.")
+    need(
+        t.lr > 0 and t.fine_tune_lr > 0,
+        f"learning rates must be positive, got --lr {t.lr} --fine-tune-lr {t.fine_tune_lr}.",
+    )
+    need(t.weight_decay >= 0, f"--weight-decay must not be negative, got {t.weight_decay}.")
+    need(0 <= t.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {t.label_smoothing}.")
+    need(0 <= t.erase <= 1, f"--erase is a probability in [0, 1], got {t.erase}.")
+    need(0 <= t.rotate <= 180, f"--rotate must be 0-180 degrees, got {t.rotate}.")
+    for name, v in (("shift", t.shift), ("zoom", t.zoom), ("jitter", t.jitter)):
+        need(0 <= v < 1, f"--{name} must be in [0, 1), got {v}.")
+    need(t.fine_tune_layers >= 0, f"--fine-tune-layers must not be negative, got {t.fine_tune_layers}.")
+    need(t.num_nodes >= 1, f"--num-nodes must be at least 1, got {t.num_nodes}.")
+    devices = str(t.devices)
+    need(
+        devices in ("auto", "-1") or all(p.strip().isdigit() for p in devices.split(",")) and devices != "0",
+        f"--devices must be auto, a positive count or a comma-separated list of device ids, got '{devices}'.",
+    )
+    if t.accelerator in ("gpu", "cuda"):
+        need(
+            torch.cuda.is_available(),
+            f"--accelerator {t.accelerator} asks for a GPU, but this machine has no CUDA device.",
         )
     need(cfg.folds == 0 or cfg.folds >= 2, f"--folds must be 0 (one split) or at least 2, got {cfg.folds}.")
     need(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds names a seed twice: {' '.join(map(str, cfg.seeds))}.")
