@@ -35,13 +35,12 @@ def test_an_overconfident_model_is_softened_as_before():
     assert c["bounded"] is False and c["temperature"] == fit_temperature(logits, labels) > 2
 
 
-def test_an_underconfident_model_is_still_sharpened_within_its_interval():
+def test_an_underconfident_model_is_still_sharpened():
     torch.manual_seed(0)
     labels = torch.randint(0, 4, (2000,))
     logits = (torch.nn.functional.one_hot(labels, 4).float() * 1.5 + torch.randn(2000, 4)) / 3
     c = calibration(logits, labels)
-    assert c["temperature"] < 0.5  # sharpened
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    assert confidence(logits, c["temperature"]) <= acc + 1e-6
+    assert c["bounded"] is False  # hundreds of wrong answers: the likelihood's temperature stands
+    assert c["temperature"] == fit_temperature(logits, labels) < 0.5  # sharpened
     ece = expected_calibration_error((logits / c["temperature"]).softmax(1), labels)
     assert ece < expected_calibration_error(logits.softmax(1), labels) / 3

@@ -1,7 +1,7 @@
 """ferlab: train, compare, explain and deploy facial-emotion classifiers.
 
 >>> import ferlab
->>> ferlab.analyze("photo.jpg")          # the shipped fer2013 model; see ferlab.api   # doctest: +SKIP
+>>> ferlab.analyze("photo.jpg")          # the shipped ferplus model; see ferlab.api   # doctest: +SKIP
 """
 
 from ferlab.core.errors import FerlabError

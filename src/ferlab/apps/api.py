@@ -81,7 +81,7 @@ def _model(model: str | Path | Model | None) -> Model:
 
 def analyze(
     images: ImageLike | Sequence[ImageLike],
-    model: str | Path | Model | None = "fer2013",
+    model: str | Path | Model | None = None,
     all_faces: bool = ALL_FACES,
     bgr: bool = False,
     face_crop: str | None = None,
@@ -91,7 +91,8 @@ def analyze(
 
     Args:
         images: a path, a PIL image or a uint8 NumPy array, or a list of them (all classified in one batch).
-        model: a shipped model's name (``fer2013``), a ``.ckpt`` or ``.onnx`` path, or a loaded model.
+        model: a shipped model's name (``ferplus``, the default, or ``fer2013``), a ``.ckpt`` or ``.onnx`` path,
+            or a loaded model.
         all_faces: every face found (default), or only the largest.
         bgr: arrays are in OpenCV's BGR order.
         face_crop: override the model's own crop policy (``off``, ``auto`` or ``on``).

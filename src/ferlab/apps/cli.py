@@ -99,7 +99,7 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         "--checkpoint",
         action="append",
         help="a model.ckpt, an exported .onnx, a run folder (all its models) or a shipped model's name; repeat "
-        "for more models (default: the shipped fer2013 model)",
+        "for more models (default: the shipped ferplus model)",
     )
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     pr.add_argument("--labels", help="CSV of filename,label giving the correct classes")
@@ -166,7 +166,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument(
         "--checkpoint",
         action="append",
-        help="a model.ckpt, .onnx, run folder or shipped model's name; repeat to serve several (default: fer2013)",
+        help="a model.ckpt, .onnx, run folder or shipped model's name; repeat to serve several (default: ferplus)",
     )
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)

@@ -1,6 +1,6 @@
 """Predict new images with one or more models; a CSV and labelled picture grids.
 
-    ferlab predict photo.jpg                                            # the shipped fer2013 model
+    ferlab predict photo.jpg                                            # the shipped ferplus model
     ferlab predict --checkpoint runs/x/regularized-cnn/model.ckpt --checkpoint model.onnx photos/ 'more/*.jpg'
     ferlab predict --checkpoint runs/x photos/ --all-faces --out predictions/    # every model of a run folder
 

@@ -1,6 +1,6 @@
 """``ferlab serve``: a REST API and a web page that classify the faces in uploaded photos.
 
-    ferlab serve                                     # the shipped fer2013 model on http://127.0.0.1:8000
+    ferlab serve                                     # the shipped ferplus model on http://127.0.0.1:8000
     ferlab serve --checkpoint fer2013 --checkpoint runs/x/vgg-small/model.ckpt --port 8080
     curl -F image=@photo.jpg http://127.0.0.1:8000/v1/predict
 

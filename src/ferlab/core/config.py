@@ -114,7 +114,7 @@ class TrainConfig:
     weights: str = opt("imagenet", "transfer-model backbone weights: imagenet, none or a .pth state dict")
     init: str | None = opt(
         None,
-        "emotion-transfer's starting point: a shipped model's name (fer2013, ...) or a ferlab checkpoint of a "
+        "emotion-transfer's starting point: a shipped model's name (ferplus, fer2013) or a ferlab checkpoint of a "
         "vgg-small or vgg-medium (default: the default shipped model); `train --init` trains emotion-transfer",
     )
     backbone_size: int = opt(

@@ -34,7 +34,8 @@ from ferlab.inference.onnx_runtime import load_onnx
 from ferlab.models.checkpoint import load_checkpoint
 from ferlab.models.registry import Normalize
 
-PRETRAINED = {"fer2013": "fer2013.ckpt"}  # shipped model name -> file in ferlab/pretrained/
+# shipped model name -> file in ferlab/pretrained/; the first is the default of predict, analyze and serve
+PRETRAINED = {"ferplus": "ferplus.ckpt", "fer2013": "fer2013.ckpt"}
 ALL_FACES = True  # every face of an image, as DeepFace and fer answer: the default of every door
 
 

@@ -41,6 +41,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 MIN_CALIBRATION = 50  # validation images below which a fitted temperature is noise, not calibration
+MIN_ERRORS = 20  # wrong validation answers below which the split is nearly separable and the fit is bounded
 
 
 def sharpest_supported(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -65,10 +66,13 @@ def sharpest_supported(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """The card's calibration record: the temperature fitted on these (validation) logits, ECE and NLL before
-    and after. The fit never sharpens beyond :func:`sharpest_supported`; ``bounded`` says when that decided."""
+    and after. On a nearly separable split (fewer than :data:`MIN_ERRORS` wrong answers) the fit never sharpens
+    beyond :func:`sharpest_supported`; ``bounded`` says when that decided."""
     few = len(labels) < MIN_CALIBRATION
+    errors = int((logits.argmax(1) != labels).sum())
     fitted = 1.0 if few else fit_temperature(logits, labels)
-    floor = 1.0 if few else sharpest_supported(logits, labels)
+    # with enough wrong answers the likelihood itself says how sharp the model may be
+    floor = 1.0 if few else sharpest_supported(logits, labels) if errors < MIN_ERRORS else 0.0
     bounded = fitted < floor
     t = max(fitted, floor)
     before, after = logits.softmax(1), (logits / t).softmax(1)
