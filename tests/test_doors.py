@@ -12,7 +12,7 @@ from ferlab.apps.predict import predict
 from ferlab.apps.serve import create_app
 from ferlab.apps.study import score_test
 from ferlab.data.datasets import ImageSet
-from ferlab.inference.model import calibrated, load_model
+from ferlab.inference.model import calibrated, load_model, pretrained_path
 
 from .test_faces import composed_photos, pytestmark  # noqa: F401 - skipped where ../shared/datasets is absent
 
@@ -21,10 +21,18 @@ from .test_faces import composed_photos, pytestmark  # noqa: F401 - skipped wher
 def test_a_crop_trained_model_answers_alike_through_every_door(ck_model, tmp_path):
     """vgg-small trained on 48 px CK+48 crops crops faces out of photos (its card's rule): evaluate, the study's
     test scoring, predict, ferlab.analyze and the server must all crop the same face and give the same numbers."""
+    answers_alike(ck_model / "vgg-small" / "model.ckpt", tmp_path)
+
+
+@pytest.mark.slow
+def test_the_shipped_ferplus_answers_alike_through_every_door(tmp_path):
+    answers_alike(pretrained_path("ferplus"), tmp_path)
+
+
+def answers_alike(checkpoint, tmp_path) -> None:
     from fastapi.testclient import TestClient
 
     photos = composed_photos(tmp_path / "photos" / "happy", 4)
-    checkpoint = ck_model / "vgg-small" / "model.ckpt"
     model = load_model(checkpoint)
     assert model.pre.faces == "crops"
     classes = model.classes
