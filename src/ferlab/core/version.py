@@ -1,3 +1,3 @@
 """ferlab's version, read by the package, its checkpoints and its build."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
