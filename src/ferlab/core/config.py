@@ -115,7 +115,7 @@ class TrainConfig:
     init: str | None = opt(
         None,
         "emotion-transfer's starting point: a shipped model's name (ferplus, fer2013) or a ferlab checkpoint of a "
-        "vgg-small or vgg-medium (default: the default shipped model); `train --init` trains emotion-transfer",
+        "vgg-small or vgg-medium (default: fer2013, chosen on validation); `train --init` trains emotion-transfer",
     )
     backbone_size: int = opt(
         224,

@@ -425,7 +425,7 @@ EMOTION_SOURCES = ("vgg-small", "vgg-medium")  # architectures emotion-transfer 
 
 @register(
     EMOTION_TRANSFER,
-    "a face-emotion model (the shipped one, or --init NAME|CHECKPOINT) with a new head for this data's classes "
+    "a face-emotion model (shipped fer2013, or --init NAME|CHECKPOINT) with a new head for this data's classes "
     "(matching classes keep their rows): the head first, then the whole network at --fine-tune-lr",
     min_size=16,
     target_layer="body.26",

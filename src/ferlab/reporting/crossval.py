@@ -184,8 +184,8 @@ def summarize_runs(
             "diff_ci95_high": round(hi, 4) if hi == hi else "",
             "a_right_b_wrong": pair["a_right_b_wrong"],
             "a_wrong_b_right": pair["a_wrong_b_right"],
-            "mcnemar_p": round(pair["mcnemar_p"], 6),
-            "holm_p": round(pair["holm_p"], 6),
+            "mcnemar_p": float(f"{pair['mcnemar_p']:.3g}"),  # 3 significant digits: a tiny p is not 0
+            "holm_p": float(f"{pair['holm_p']:.3g}"),
         }
         row["verdict"] = verdict(row, got["groups"], "test subjects" if cfg.data.group_by else "test images")
         rows.append(row)
