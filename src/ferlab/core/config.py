@@ -100,10 +100,11 @@ class TrainConfig:
         choices=("auto", "32", "bf16-mixed", "16-mixed"),
     )
     augment: str = opt(
-        "off",
+        "auto",
         "face augmentation (flip, small affine, brightness/contrast) on training batches: off, on (every "
-        "stage of every model) or fine-tune (stage 2 of transfer models; the frozen part then runs every step)",
-        choices=("off", "on", "fine-tune"),
+        "stage of every model), fine-tune (stage 2 of transfer models; the frozen part then runs every step) or "
+        "auto (emotion-transfer's stage 2, chosen on validation; off for the other models)",
+        choices=("auto", "off", "on", "fine-tune"),
     )
     rotate: float = opt(10.0, "augmentation: largest rotation, degrees")
     shift: float = opt(0.06, "augmentation: largest shift, as a fraction of the image side")

@@ -397,8 +397,9 @@ def _stages(name: str, cfg: TrainConfig) -> list[tuple[int | None, float, bool]]
     stages = [(0, cfg.lr, aug)]
     # an emotion model's every layer already knows faces: its second stage tunes them all (None)
     units = None if name == EMOTION_TRANSFER else cfg.fine_tune_layers
+    tuned = cfg.augment in ("on", "fine-tune") or (cfg.augment == "auto" and name == EMOTION_TRANSFER)
     if cfg.fine_tune and (units is None or units > 0):
-        stages.append((units, cfg.fine_tune_lr, cfg.augment in ("on", "fine-tune")))
+        stages.append((units, cfg.fine_tune_lr, tuned))
     return stages
 
 
