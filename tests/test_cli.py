@@ -319,3 +319,20 @@ def test_export_refuses_a_missing_folder_as_every_command_does(tmp_path):
     assert r.returncode == 2
     assert f"The folder {tmp_path / 'no' / 'such'} for the exported file does not exist; create it first." in r.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_a_run_folder_names_its_model_in_evaluate_export_and_info(study, tmp_path):
+    """predict and serve take a run folder; evaluate, export and info take one of a single model, and name the
+    models of a folder with several."""
+    data, _, (run, _) = study
+    r = cli("info", run)
+    assert r.returncode == 2
+    want = f"{run} is a run folder of 2 models (baseline-cnn, regularized-cnn); pass one of their model.ckpt files."
+    assert want in r.stderr
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "regularized-cnn").symlink_to(run / "regularized-cnn")
+    r = cli("info", one)
+    assert r.returncode == 0 and "regularized-cnn" in r.stdout
+    r = cli("evaluate", one, data, "--out", tmp_path / "e")
+    assert r.returncode == 0, r.stderr

@@ -274,6 +274,14 @@ def resolve(name_or_path: str | Path) -> Path:
     if shipped is not None:  # a folder that happens to share a shipped model's name does not hide it
         return shipped
     if path.is_dir():
+        found = sorted(path.glob("*/model.ckpt"))
+        if len(found) == 1:  # a run folder of one model stands for it, as in predict and serve
+            return found[0]
+        if found:
+            names = ", ".join(f.parent.name for f in found)
+            raise FerlabError(
+                f"{path} is a run folder of {len(found)} models ({names}); pass one of their model.ckpt files."
+            )
         raise FerlabError(f"{path} is a folder; pass a model.ckpt or .onnx file, or a model name.")
     names = ", ".join(shipped_models()) or "none in this install"
     if os.sep in str(name_or_path) or path.suffix.lower() in (".ckpt", ".onnx", ".pt", ".pth"):
