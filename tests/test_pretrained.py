@@ -76,6 +76,9 @@ def test_its_card_says_what_a_user_needs():
     assert calib["val_ece_after"] < calib["val_ece_before"]  # temperature scaling lowered the validation ECE
     r = cli("info", "fer2013")
     assert r.returncode == 0 and "license:" in r.stdout and "classes:" in r.stdout
+    head = r.stdout.split("full card:")[0]
+    assert "face_crop: auto for images over 96 px (trained on face crops), off for smaller ones\n" in head
+    assert "data: FER2013 training images" in head and "/work" not in r.stdout  # no path of the training machine
     r = cli("models")
     assert r.returncode == 0 and "vgg16-transfer" in r.stdout
 

@@ -87,7 +87,10 @@ def summary(model: Model, paths: bool = True) -> dict[str, Any]:
 
 def describe(model: Model) -> str:
     """A readable card: the summary, then the whole card as JSON."""
-    lines = [f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in summary(model).items()]
+    facts = summary(model)
+    facts["face_crop"] = facts.pop("face_crop_rule")  # the policy in words, not the card's raw "off"
+    facts = {k: facts[k] for k in summary(model) if k in facts}
+    lines = [f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in facts.items()]
     return "\n".join(lines) + "\n\nfull card:\n" + json.dumps(public(model.card), indent=1, default=str)
 
 
