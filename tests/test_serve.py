@@ -451,3 +451,18 @@ def test_the_page_uploads_a_photo_and_draws_each_face_in_a_real_browser(live, st
     # the first face's box is drawn in the page's first colour (#2e6bd8) along the photo's top edge
     rgba = np.array(top_row).reshape(-1, 4)[:, :3]
     assert (np.abs(rgba - [46, 107, 216]).max(1) < 40).sum() >= 10
+
+
+@pytest.mark.slow
+def test_an_image_body_under_another_content_type_is_taken_by_its_bytes(client):
+    """curl --data-binary @photo.jpg says application/x-www-form-urlencoded; the bytes are a JPEG."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (120, 90, 60)).save(buf, "JPEG")
+    typed = client.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
+    curl = client.post(
+        "/v1/predict", content=buf.getvalue(), headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert typed.status_code == curl.status_code == 200, curl.text
+    assert curl.json()["faces"] == typed.json()["faces"]
+    r = client.post("/v1/predict", content=b"a=1&b=2", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "Unsupported content type application/x-www-form-urlencoded" in r.json()["detail"]

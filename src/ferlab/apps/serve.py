@@ -192,9 +192,19 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
         return await _parse_form(request, body, options)
     if ctype == "application/json":
         return _parse_json(body, options)
-    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", "") or is_image(body):
+        # an image body under another type (curl --data-binary says application/x-www-form-urlencoded) is
+        # taken by its bytes, as files on disk are
         return _parse_image(body, options)
     raise Refused(415, f"Unsupported content type {ctype}; send multipart/form-data, JSON or an image body.")
+
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def is_image(body: bytes) -> bool:
+    """Whether ``body`` starts as an image file does (JPEG, PNG, GIF, BMP, TIFF, WebP)."""
+    return body.startswith(IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
 
 
 def _form_refused(e: StarletteHTTPException) -> Refused:
