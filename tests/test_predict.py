@@ -135,7 +135,7 @@ def test_predict_with_two_crop_policies_writes_table_and_grid(face_world, two_po
     assert len(rows[0][f"{a}_top3"].split()) == 2
     # the 'on' model skips the face-less photo and says why; the 'auto' model predicts the whole image
     assert rows[1][f"{a}_predicted"] != "" and rows[1][f"{b}_predicted"] == ""
-    assert rows[1][f"{b}_top3"] == "no face found (--face-crop on)"
+    assert rows[1][f"{b}_top3"] == "" and rows[1][f"{b}_unusual"] == "no face found (--face-crop on)"
     skipped = {(Path(s["file"]).name, s["model"]): s["reason"] for s in read_csv(tmp_path / "skipped_files.csv")}
     assert ("no_face.png", b) in skipped
     for name, fragment in bad.items():

@@ -224,8 +224,9 @@ def write_table(rows: list[Row], models: list[Model], path: Path, all_faces: boo
             top = r.preds.get(m.label)
             rec[f"{m.label}_predicted"] = top[0][0] if top else ""
             rec[f"{m.label}_confidence"] = round(top[0][1], 4) if top else ""
-            rec[f"{m.label}_top3"] = " ".join(f"{c}:{p:.3f}" for c, p in top) if top else r.notes.get(m.label, "")
-            rec[f"{m.label}_unusual"] = r.unusual.get(m.label, "")
+            rec[f"{m.label}_top3"] = " ".join(f"{c}:{p:.3f}" for c, p in top) if top else ""
+            # a model that predicted nothing here says why where every other reason to doubt a row goes
+            rec[f"{m.label}_unusual"] = r.unusual.get(m.label, "") if top else r.notes.get(m.label, "")
         out.append(rec)
     write_csv(path, out, cols)
 
