@@ -199,12 +199,13 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
     raise Refused(415, f"Unsupported content type {ctype}; send multipart/form-data, JSON or an image body.")
 
 
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
 def is_image(body: bytes) -> bool:
-    """Whether ``body`` starts as an image file does (JPEG, PNG, GIF, BMP, TIFF, WebP)."""
-    return body.startswith(IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
+    """Whether ``body``'s header is one of the formats the server decodes (Pillow reads the header only)."""
+    try:
+        with Image.open(io.BytesIO(body), formats=WEB_FORMATS):
+            return True
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image here
+        return False
 
 
 def _form_refused(e: StarletteHTTPException) -> Refused:

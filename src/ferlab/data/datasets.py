@@ -307,8 +307,7 @@ def load_data(
     manifest = [r for s in SPLITS for r in given[s]]
     if votes is not None:
         method += f", labels: the majority of the votes in {cfg.labels}"
-    data = Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes, votes, notes)
-    return data
+    return Data(classes, splits, manifest, skipped, pre, description or str(root), method, boxes, votes, notes)
 
 
 def _image_set(

@@ -190,24 +190,15 @@ def create_model(
     if num_classes < 2:
         raise FerlabError(f"A classifier needs at least 2 classes, got {num_classes}.")
     spec = REGISTRY[name]
-    if name == EMOTION_TRANSFER:
-        arch = arch or EMOTION_SOURCES[0]
-        if arch not in EMOTION_SOURCES:
-            raise FerlabError(
-                f"emotion-transfer starts from a {' or '.join(EMOTION_SOURCES)} model, not a {arch}; pass --init a "
-                "shipped model or a checkpoint of one of those."
-            )
-        net = REGISTRY[arch].build(num_classes, image_size)
-        net.arch = arch
-        for p in net.body.parameters():  # stage 1 trains the head alone, as for every transfer model
-            p.requires_grad_(False)
-        net.normalize.size = backbone_size if backbone_size and backbone_size != image_size else None
-    elif spec.transfer:
-        if backbone_size and backbone_size < 32:
+    if spec.transfer:
+        if name == EMOTION_TRANSFER:  # its backbone input is its source's side, not --backbone-size
+            net = spec.build(num_classes, image_size, arch or EMOTION_SOURCES[0])
+        elif backbone_size and backbone_size < 32:
             raise FerlabError(
                 f"--backbone-size must be at least 32 pixels (or 0 for the image size), got {backbone_size}."
             )
-        net = spec.build(num_classes, image_size, weights or "none")
+        else:
+            net = spec.build(num_classes, image_size, weights or "none")
         net.normalize.size = backbone_size if backbone_size and backbone_size != image_size else None
     else:
         net = spec.build(num_classes, image_size)
@@ -432,8 +423,19 @@ EMOTION_SOURCES = ("vgg-small", "vgg-medium")  # architectures emotion-transfer 
     transfer=True,
     study_label="emotion_transfer",
 )
-def emotion_transfer(num_classes: int, image_size: int, weights: str) -> Net:
-    raise AssertionError("create_model builds emotion-transfer from its source's architecture")
+def emotion_transfer(num_classes: int, image_size: int, arch: str) -> Net:
+    """The source's architecture (its weights come later: ``models.checkpoint.transplant``), body frozen for
+    stage 1 as every transfer model's."""
+    if arch not in EMOTION_SOURCES:
+        raise FerlabError(
+            f"emotion-transfer starts from a {' or '.join(EMOTION_SOURCES)} model, not a {arch}; pass --init a "
+            "shipped model or a checkpoint of one of those."
+        )
+    net = REGISTRY[arch].build(num_classes, image_size)
+    net.arch = arch
+    for p in net.body.parameters():
+        p.requires_grad_(False)
+    return net
 
 
 STUDY = ("baseline-cnn", "regularized-cnn", "vgg16-transfer", EMOTION_TRANSFER)

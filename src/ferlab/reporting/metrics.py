@@ -163,17 +163,17 @@ def score_and_record(
     return m
 
 
+def digest(file: str) -> int | None:
+    """A file's 8-byte content digest as a signed integer (None when it cannot be read)."""
+    try:
+        return int.from_bytes(hashlib.blake2b(Path(file).read_bytes(), digest_size=8).digest(), "little", signed=True)
+    except OSError:
+        return None
+
+
 def digests(files: list[str]) -> torch.Tensor:
     """Sorted 8-byte content digests of files: a card's record of its training images, for the overlap check."""
-    out = []
-    for f in files:
-        try:
-            out.append(
-                int.from_bytes(hashlib.blake2b(Path(f).read_bytes(), digest_size=8).digest(), "little", signed=True)
-            )
-        except OSError:
-            continue
-    return torch.tensor(sorted(out), dtype=torch.int64)
+    return torch.tensor(sorted(d for d in map(digest, files) if d is not None), dtype=torch.int64)
 
 
 def overlap(files: list[str], known: torch.Tensor | None) -> int:
@@ -185,12 +185,4 @@ def overlapping(files: list[str], known: torch.Tensor | None) -> list[bool]:
     if known is None or not len(known):
         return [False] * len(files)
     keys = set(known.tolist())
-    out = []
-    for f in files:
-        try:
-            d = hashlib.blake2b(Path(f).read_bytes(), digest_size=8).digest()
-        except OSError:
-            out.append(False)
-            continue
-        out.append(int.from_bytes(d, "little", signed=True) in keys)
-    return out
+    return [digest(f) in keys for f in files]
