@@ -195,7 +195,10 @@ def _one_error_line(r, message: str) -> None:
             "--data, --class-map and --drop-classes measure what --quantize int8 costs; give it too.",
         ),
         ("serve-busy-port", "Cannot listen on 127.0.0.1:{port}: address already in use."),
-        ("serve-pending", "--max-bytes and --max-pending must be positive and --port between 1 and 65535."),
+        (
+            "serve-pending",
+            "--max-bytes, --max-pending and --max-pixels must be positive and --port between 1 and 65535.",
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):

@@ -190,3 +190,32 @@ def test_manifest_csv_columns(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["file", "class", "group", "split", "face_box"]
     assert Counter(r["split"] for r in rows) == {s: len(v) for s, v in data.splits.items()}
+
+
+def test_the_face_cache_keeps_the_most_recently_used_files_only():
+    from ferlab.data.images import FaceCache
+
+    cache = FaceCache(size=3)
+    for k in range(5):
+        cache.put((f"f{k}", "yunet"), [(k, k, 10, 10)])
+        if k == 2:
+            assert cache.get(("f0", "yunet")) == [(0, 0, 10, 10)]  # used again: kept over f1
+    assert len(cache.found) == 3
+    assert cache.get(("f1", "yunet")) is None and cache.get(("f2", "yunet")) is None
+    assert [cache.get((f"f{k}", "yunet")) for k in (0, 3, 4)] == [[(0, 0, 10, 10)], [(3, 3, 10, 10)], [(4, 4, 10, 10)]]
+
+
+def test_decoding_a_large_image_sets_no_warning_filter_per_call(tmp_path):
+    """Pillow's decompression-bomb warning is filtered once, when ferlab is imported (ferlab enforces its own
+    limit): decoding in threads never enters warnings.catch_warnings, which is not thread-safe."""
+    import warnings
+
+    from ferlab.data import images
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (80, 80), (9, 9, 9)).save(big)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # 6,400 pixels: over Pillow's warning threshold
+        mp.setattr(warnings, "catch_warnings", None)  # a call would fail here
+        im = images.open_rgb(big, 100_000)
+    assert im.size == (80, 80)

@@ -81,6 +81,26 @@ def test_gradcam_looks_at_the_deciding_region_and_changes_with_random_weights(re
 
 
 @pytest.mark.slow
+def test_explaining_never_switches_the_shared_network(region_model):
+    """The loaded network is shared process-wide (a server's other requests use it meanwhile): explaining takes
+    one forward pass without mirroring, without switching the network's test-time mirroring off."""
+    ck, crops = region_model
+    model = load_model(ck)
+    net = model.runtime.net
+    seen: list[tuple[bool, int]] = []
+    hook = net.body.register_forward_pre_hook(lambda _, args: seen.append((net.tta, len(args[0]))))
+    tta, net.tta = net.tta, True
+    try:
+        maps = heatmaps(model, crops[:4], [0, 1, 0, 1], "gradcam")
+        assert seen == [(True, 4)]  # one pass over the 4 crops, none over their mirror images
+        occlusion = heatmaps(model, crops[:4], [0, 1, 0, 1], "occlusion")
+    finally:
+        hook.remove()
+        net.tta = tta
+    assert all(t for t, _ in seen) and maps.shape == occlusion.shape == (4, 32, 32)
+
+
+@pytest.mark.slow
 def test_predict_explain_writes_heatmaps_and_a_grid(region_model, tmp_path):
     ck, _ = region_model
     rng = np.random.default_rng(3)

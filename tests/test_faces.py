@@ -126,7 +126,7 @@ def test_a_crop_trained_model_crops_faces_out_of_photos(ck_model, tmp_path):
     photos = composed_photos(tmp_path / "photos", 6)
     r = run_cli(
         "predict", "--checkpoint", str(ck_model / "vgg-small" / "model.ckpt"), str(tmp_path / "photos"),
-        "--all-faces", "--out", str(tmp_path / "p"),
+        "--out", str(tmp_path / "p"),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_csv(tmp_path / "p" / "prediction_results.csv")

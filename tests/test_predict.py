@@ -117,11 +117,20 @@ def test_predict_with_two_crop_policies_writes_table_and_grid(face_world, two_po
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_csv(tmp_path / "prediction_results.csv")
     names = [Path(row["filename"]).name for row in rows]
-    assert names == ["one_face.png", "no_face.png", "two_faces.png"]
+    assert names == ["one_face.png", "no_face.png", "two_faces.png", "two_faces.png"]  # every face, its own row
+    assert [(row["face"], row["face_found"], bool(row["box"])) for row in rows] == [
+        ("0", "True", True),
+        ("0", "False", False),  # no face: the whole image, no box
+        ("0", "True", True),
+        ("1", "True", True),
+    ]
     # two models of one architecture are told apart by their run folders
     a, b = (f"regularized-cnn@{two_policies[p].parent.parent.name}" for p in ("auto", "on"))
     assert list(rows[0]) == [
         "filename",
+        "face",
+        "box",
+        "face_found",
         "correct_class",
         *(f"{m}_{c}" for m in (a, b) for c in ("predicted", "confidence", "top3", "unusual")),
     ]
@@ -141,24 +150,28 @@ def test_predict_with_two_crop_policies_writes_table_and_grid(face_world, two_po
     for name, fragment in bad.items():
         assert fragment in skipped[(name, "")]
     grid = Image.open(tmp_path / "prediction_grid.png")
-    assert grid.size == (3 * 240, 1 * (240 + 16 * 4 + 8))  # 3 panels in one row, 4 text lines each
+    assert grid.size == (4 * 240, 1 * (240 + 16 * 4 + 8))  # 4 panels in one row, 4 text lines each
 
 
 @requires_ckplus
 @pytest.mark.slow
-def test_all_faces_gives_one_row_per_face(face_world, two_policies, tmp_path):
-    r = run_cli(
-        "predict",
-        "--checkpoint",
-        str(two_policies["auto"]),
-        str(face_world / "new" / "two_faces.png"),
-        "--all-faces",
-        "--out",
-        str(tmp_path),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = read_csv(tmp_path / "prediction_results.csv")
-    assert [row["face"] for row in rows] == ["0", "1"] and all(len(row["box"].split()) == 4 for row in rows)
+def test_largest_face_gives_one_row_per_image_with_its_box(face_world, two_policies, tmp_path):
+    photo = face_world / "new" / "two_faces.png"
+    rows = {}
+    for how in ("every", "largest"):
+        flag = ["--largest-face"] if how == "largest" else []
+        model = str(two_policies["auto"])
+        r = run_cli("predict", "--checkpoint", model, str(photo), *flag, "--out", str(tmp_path / how))
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows[how] = read_csv(tmp_path / how / "prediction_results.csv")
+    assert [row["face"] for row in rows["every"]] == ["0", "1"]
+    assert all(len(row["box"].split()) == 4 and row["face_found"] == "True" for row in rows["every"])
+    assert rows["largest"] == rows["every"][:1]  # the same face, box and probabilities: the largest one
+    # the API answers with the same boxes, largest first
+    import ferlab
+
+    faces = ferlab.analyze(str(photo), model=str(two_policies["auto"]))
+    assert [" ".join(map(str, f["box"])) for f in faces] == [row["box"] for row in rows["every"]]
 
 
 def test_predict_mistakes_are_one_sentence(tmp_path):

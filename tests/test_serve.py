@@ -167,6 +167,7 @@ def test_no_face_is_a_note_not_an_error(client):
     body = r.json()
     assert r.status_code == 200 and body["face_crop"] == "auto"  # a photo, unlike the 40 px training images
     assert body["note"] == "no face found: the whole image was classified" and not body["faces"][0]["face_found"]
+    assert body["faces"][0]["box"] is None  # as ferlab.analyze says it: no face, no box
     assert body["faces"][0]["unusual"] == "blank image (no contrast)"
 
 
@@ -466,3 +467,56 @@ def test_an_image_body_under_another_content_type_is_taken_by_its_bytes(client):
     assert curl.json()["faces"] == typed.json()["faces"]
     r = client.post("/v1/predict", content=b"a=1&b=2", headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415 and "Unsupported content type application/x-www-form-urlencoded" in r.json()["detail"]
+
+
+def test_a_body_is_held_once_while_it_is_parsed():
+    """The raw JSON body is let go once parsed and each base64 string once decoded; a raw image body is decoded
+    through a reader over its buffer, not a copy of it."""
+    import json
+
+    from ferlab.apps import serve
+
+    img = png(Image.new("RGB", (8, 8), (1, 2, 3)))
+    body = bytearray(json.dumps({"images": [base64.b64encode(img).decode()] * 2, "model": "m"}).encode())
+    uploads, options = serve._parse_json(body, {})
+    assert len(body) == 0 and [u.data for u in uploads] == [img, img] and options == {"model": "m"}
+    raw = bytearray(img)
+    im = serve._open(serve.Upload(raw, "The request body"), 1_000)
+    assert im.size == (8, 8) and im.getpixel((0, 0)) == (1, 2, 3)
+    raw.clear()  # possible only once no view of the buffer is left open
+    with serve.BufferReader(b"abcdef") as fp:
+        assert fp.read(2) == b"ab" and fp.seek(-1, io.SEEK_END) == 5 and fp.read() == b"f" and fp.read(3) == b""
+
+
+@pytest.mark.slow
+def test_json_bodies_are_parsed_off_the_event_loop(client, monkeypatch):
+    from ferlab.apps import serve
+
+    on_loop, real = [], serve._parse_json
+
+    def spy(body, options):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread has no running loop
+            on_loop.append(False)
+        return real(body, options)
+
+    monkeypatch.setattr(serve, "_parse_json", spy)
+    good = base64.b64encode(png(Image.new("RGB", (40, 40), (90, 90, 90)))).decode()
+    assert client.post("/v1/predict", json={"image": good}).status_code == 200 and on_loop == [False]
+
+
+def test_serve_takes_its_pixel_limit(monkeypatch):
+    from ferlab.apps import serve
+
+    from .conftest import cli
+
+    got = {}
+    monkeypatch.setattr(serve, "listen", lambda host, port: None)
+    monkeypatch.setattr(serve, "serve", lambda models, sock, *limits: got.update(limits=limits))
+    assert cli("serve", "--max-pixels", "5000").returncode == 0 and got["limits"] == (10 * 1024 * 1024, 128, 5000)
+    r = cli("serve", "--max-pixels", "0")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "ferlab: error: --max-bytes, --max-pending and --max-pixels must be positive and --port between 1 and 65535."
+    )

@@ -103,7 +103,10 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     pr.add_argument("--labels", help="CSV of filename,label giving the correct classes")
-    pr.add_argument("--all-faces", action="store_true", help="one row per detected face instead of per image")
+    pr.add_argument(
+        "--largest-face", action="store_true", help="one row per image (its largest face) instead of one per face"
+    )
+    pr.add_argument("--all-faces", action="store_true", help=argparse.SUPPRESS)  # the default: kept for scripts
     pr.add_argument(
         "--face-crop",
         choices=("off", "auto", "on"),
@@ -176,6 +179,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=128,
         help="most predict requests held at once, received, waiting or being worked on; more get 503 (default 128)",
+    )
+    sv.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="most pixels in one request, read from the image headers before decoding; more get 413 (default 40 "
+        "megapixels; a decoded pixel takes 3-6 bytes, twice that while a rotated photo is turned upright)",
     )
 
 
@@ -271,10 +281,12 @@ def _serve(args: argparse.Namespace) -> int:
     from ferlab.apps.serve import listen, serve
     from ferlab.inference.model import load_models
 
-    if args.max_bytes < 1 or args.max_pending < 1 or not 0 < args.port < 65536:
-        raise FerlabError("--max-bytes and --max-pending must be positive and --port between 1 and 65535.")
+    if min(args.max_bytes, args.max_pending, args.max_pixels) < 1 or not 0 < args.port < 65536:
+        raise FerlabError(
+            "--max-bytes, --max-pending and --max-pixels must be positive and --port between 1 and 65535."
+        )
     sock = listen(args.host, args.port)
-    serve(load_models(args.checkpoint or []), sock, args.max_bytes, args.max_pending)
+    serve(load_models(args.checkpoint or []), sock, args.max_bytes, args.max_pending, args.max_pixels)
     return 0
 
 
@@ -341,7 +353,7 @@ def _predict_video(args: argparse.Namespace, video: str, out: Path) -> int:
 
     if len(args.inputs) > 1:
         raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
-    image_only = (("--labels", args.labels), ("--all-faces", args.all_faces), ("--explain", _explain(args)))
+    image_only = (("--labels", args.labels), ("--largest-face", args.largest_face), ("--explain", _explain(args)))
     used = [f for f, v in image_only if v]
     if used:
         them = "it" if len(used) == 1 else "them"
@@ -361,7 +373,7 @@ def _predict_images(args: argparse.Namespace, out: Path) -> int:
     if used:
         raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
     p = run_predict(
-        args.checkpoint or [], args.inputs, out, args.labels, args.all_faces, args.face_crop, _explain(args)
+        args.checkpoint or [], args.inputs, out, args.labels, not args.largest_face, args.face_crop, _explain(args)
     )
     if p.skipped:
         print(

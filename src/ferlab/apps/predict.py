@@ -2,7 +2,7 @@
 
     ferlab predict photo.jpg                                            # the shipped ferplus model
     ferlab predict --checkpoint runs/x/regularized-cnn/model.ckpt --checkpoint model.onnx photos/ 'more/*.jpg'
-    ferlab predict --checkpoint runs/x photos/ --all-faces --out predictions/    # every model of a run folder
+    ferlab predict --checkpoint runs/x photos/ --largest-face --out predictions/  # every model of a run folder
 
 Each model prepares an image exactly as its card says (grayscale, face crop, input size) through
 :mod:`ferlab.inference`, the same path ``ferlab evaluate``, ``ferlab serve`` and :func:`ferlab.analyze` take.
@@ -30,7 +30,7 @@ from ferlab.core.stats import wilson
 from ferlab.data.faces import iou
 from ferlab.data.images import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
 from ferlab.inference.explain import check_method, heatmaps, overlay
-from ferlab.inference.model import Model, load_models
+from ferlab.inference.model import ALL_FACES, Model, load_models
 
 GRID_PANELS = 48  # panels per grid page
 
@@ -90,7 +90,7 @@ def read_labels(path: str) -> dict[str, str]:
 @dataclass
 class Row:
     file: Path
-    face: int  # 0-based face index with --all-faces, else 0
+    face: int  # 0-based face index, largest first (0 alone with --largest-face)
     box: tuple[int, int, int, int] | None
     true: str
     preds: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # model -> top-3 (class, prob)
@@ -119,7 +119,7 @@ def predict(
     models: list[Model],
     files: list[Path],
     labels: dict[str, str] | None = None,
-    all_faces: bool = False,
+    all_faces: bool = ALL_FACES,
     face_crop: str | None = None,
     keep_crops: bool = False,
 ) -> tuple[list[Row], list[dict]]:
@@ -211,15 +211,14 @@ class RowTable:
         batch.clear()
 
 
-def write_table(rows: list[Row], models: list[Model], path: Path, all_faces: bool) -> None:
-    cols = ["filename", *(["face", "box"] if all_faces else []), "correct_class"]
+def write_table(rows: list[Row], models: list[Model], path: Path) -> None:
+    cols = ["filename", "face", "box", "face_found", "correct_class"]
     for m in models:
         cols += [f"{m.label}_predicted", f"{m.label}_confidence", f"{m.label}_top3", f"{m.label}_unusual"]
     out = []
     for r in rows:
-        rec = {"filename": str(r.file), "correct_class": r.true}
-        if all_faces:
-            rec.update(face=r.face, box=" ".join(map(str, r.box)) if r.box else "")
+        rec = {"filename": str(r.file), "face": r.face, "box": " ".join(map(str, r.box)) if r.box else ""}
+        rec.update(face_found=r.box is not None, correct_class=r.true)
         for m in models:
             top = r.preds.get(m.label)
             rec[f"{m.label}_predicted"] = top[0][0] if top else ""
@@ -334,7 +333,7 @@ def run_predict(
     inputs: list[str],
     out: Path,
     labels: str | None = None,
-    all_faces: bool = False,
+    all_faces: bool = ALL_FACES,
     face_crop: str | None = None,
     explain: str | None = None,
     cache: bool = True,
@@ -357,10 +356,10 @@ def run_predict(
         raise FerlabError(
             f"None of the {len(files)} inputs could be predicted (first: {first['file']}: {first['reason']})."
         )
-    grids = write_outputs(rows, skipped, models, out, all_faces, explain)
+    grids = write_outputs(rows, skipped, models, out, explain)
     accuracy = {}
-    for m in models:
-        scored = [r for r in rows if r.true and m.label in r.preds]
+    for m in models:  # a label names the image, so it scores the image's largest face (face 0), as evaluate does
+        scored = [r for r in rows if r.true and r.face == 0 and m.label in r.preds]
         accuracy[m.label] = (sum(same_class(r.preds[m.label][0][0], r.true) for r in scored), len(scored))
     unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
     return Prediction(rows, skipped, models, grids, accuracy, unusual)
@@ -392,13 +391,13 @@ def warn_unlabelled(rows: list[Row], labels: str) -> None:
 
 
 def write_outputs(
-    rows: list[Row], skipped: list[dict], models: list[Model], out: Path, all_faces: bool, explain: str | None
+    rows: list[Row], skipped: list[dict], models: list[Model], out: Path, explain: str | None
 ) -> list[Path]:
     """prediction_results.csv, skipped_files.csv, the grid pages (and explanations); what an earlier prediction
     into the same folder left and this one did not write again is removed. Returns the pages."""
     out.mkdir(parents=True, exist_ok=True)
     earlier = {f for pattern in OUTPUTS for f in out.glob(pattern)}  # a former prediction's pictures, if any
-    write_table(rows, models, out / "prediction_results.csv", all_faces)
+    write_table(rows, models, out / "prediction_results.csv")
     write_csv(out / "skipped_files.csv", skipped, ["file", "model", "reason"])
     grids = draw_grids(rows, models, out)
     written = set(grids)

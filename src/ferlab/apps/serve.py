@@ -49,6 +49,7 @@ from ferlab.reporting.cards import public, summary
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
+FORM_CHUNK = 1 << 16  # a multipart body is handed to the form parser this many bytes at a time
 MAX_IMAGES = 16  # images in one request
 MAX_FIELDS = 16  # other fields of a multipart form
 IN_FLIGHT = 16  # requests being decoded, detected or classified at once (see create_app)
@@ -107,8 +108,39 @@ class Batcher:
 
 @dataclass
 class Upload:
-    data: bytes
+    data: bytes | bytearray
     name: str
+
+
+class BufferReader(io.RawIOBase):
+    """A seekable read-only file over a body's buffer that does not copy it (``io.BytesIO`` copies a bytearray)."""
+
+    def __init__(self, buffer: bytes | bytearray):
+        super().__init__()
+        self.view, self.pos = memoryview(buffer), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self.view) - self.pos))
+        b[:n] = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = max(0, offset + (0, self.pos, len(self.view))[whence])
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self.view.release()  # the buffer may be cleared or resized again
+        super().close()
 
 
 class Refused(HTTPException):
@@ -124,7 +156,8 @@ def _open(upload: Upload, max_pixels: int, used: int = 0) -> Image.Image:
     if not upload.data:
         raise Refused(422, f"{upload.name} is empty.")
     try:
-        return decode_image(io.BytesIO(upload.data), max_pixels, used, WEB_FORMATS)
+        with BufferReader(upload.data) as fp:
+            return decode_image(fp, max_pixels, used, WEB_FORMATS)
     except BadImage as e:
         reason = str(e)
         if e.kind == "format":
@@ -149,21 +182,20 @@ def _base64(text: Any, name: str) -> Upload:
         raise Refused(422, f"'{name}' is not valid base64.") from None
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int) -> bytearray:
     """The request body, refused (413) as soon as it passes ``limit`` bytes, before it is all received, and
     (408) when it has not all arrived within ``BODY_SECONDS``: a stalled upload must not hold its place."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"The request body is {int(declared):,} bytes, over the limit of {limit:,}.")
 
-    async def receive() -> bytes:
-        chunks, size = [], 0
+    async def receive() -> bytearray:  # one buffer, grown in place: the body is held once, not as chunks + copy
+        body = bytearray()
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise Refused(413, f"The request body is over the limit of {limit:,} bytes.")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body += chunk
+        return body
 
     try:  # wait_for, not asyncio.timeout: the same on Python 3.10
         return await asyncio.wait_for(receive(), BODY_SECONDS)
@@ -190,8 +222,8 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
     options: dict[str, Any] = dict(request.query_params)
     if ctype == "multipart/form-data":
         return await _parse_form(request, body, options)
-    if ctype == "application/json":
-        return _parse_json(body, options)
+    if ctype == "application/json":  # parsing and base64 decoding take a worker thread, not the event loop
+        return await run_in_threadpool(_parse_json, body, options)
     if ctype.startswith("image/") or ctype in ("application/octet-stream", "") or is_image(body):
         # an image body under another type (curl --data-binary says application/x-www-form-urlencoded) is
         # taken by its bytes, as files on disk are
@@ -202,7 +234,7 @@ async def parse(request: Request, limit: int) -> tuple[list[Upload], dict[str, A
 def is_image(body: bytes) -> bool:
     """Whether ``body``'s header is one of the formats the server decodes (Pillow reads the header only)."""
     try:
-        with Image.open(io.BytesIO(body), formats=WEB_FORMATS):
+        with BufferReader(body) as fp, Image.open(fp, formats=WEB_FORMATS):
             return True
     except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image here
         return False
@@ -219,16 +251,27 @@ def _form_refused(e: StarletteHTTPException) -> Refused:
     return Refused(422, f"The multipart form could not be read ({reason}).")
 
 
-async def _parse_form(request: Request, body: bytes, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
+async def _parse_form(
+    request: Request, body: bytearray, options: dict[str, Any]
+) -> tuple[list[Upload], dict[str, Any]]:
     """A multipart form: the files of its ``image`` field, its other fields as options."""
 
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
+    starts = iter(range(0, len(body) or 1, FORM_CHUNK))
+
+    async def receive() -> dict:  # the body in small pieces: the parser's parts are never a second whole copy
+        i = next(starts, len(body))
+        return {
+            "type": "http.request",
+            "body": bytes(body[i : i + FORM_CHUNK]),
+            "more_body": i + FORM_CHUNK < len(body),
+        }
 
     try:
         form = await Request(request.scope, receive).form(max_files=MAX_IMAGES, max_fields=MAX_FIELDS)
     except StarletteHTTPException as e:  # Starlette's parser refuses with 400 and its own words
         raise _form_refused(e) from None
+    finally:
+        body.clear()  # the parts are the form's now
     try:
         files = [v for k, v in form.multi_items() if k == "image" and hasattr(v, "read")]
         uploads = [Upload(await f.read(), f"The uploaded file '{f.filename or 'image'}'") for f in files]
@@ -240,27 +283,32 @@ async def _parse_form(request: Request, body: bytes, options: dict[str, Any]) ->
     return uploads, options
 
 
-def _parse_json(body: bytes, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
+def _parse_json(body: bytearray, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
     """A JSON object: its base64 ``image`` or ``images``, its other fields as options."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise Refused(422, "The JSON body is not valid JSON.") from None
+    finally:
+        body.clear()  # the document holds it now
     if not isinstance(doc, dict):
         raise Refused(422, 'The JSON body must be an object such as {"image": "<base64>"}.')
     if "images" in doc:
         if not isinstance(doc["images"], list) or not doc["images"]:
             raise Refused(422, "'images' must be a non-empty list of base64 strings.")
-        uploads = [_base64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
+        uploads = []
+        for i in range(len(doc["images"])):  # each string let go once decoded
+            uploads.append(_base64(doc["images"][i], f"images[{i}]"))
+            doc["images"][i] = None
     elif "image" in doc:
-        uploads = [_base64(doc["image"], "image")]
+        uploads = [_base64(doc.pop("image"), "image")]
     else:
         raise Refused(422, 'The JSON body needs an "image" (base64) or "images" (a list of them).')
     options.update({k: v for k, v in doc.items() if k not in ("image", "images")})
     return uploads, options
 
 
-def _parse_image(body: bytes, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
+def _parse_image(body: bytearray, options: dict[str, Any]) -> tuple[list[Upload], dict[str, Any]]:
     """A raw image body."""
     if not body:
         raise Refused(422, "The request has no body; send an image.")
@@ -370,14 +418,15 @@ async def answer(request: Request, server: Server) -> dict:
 
 
 def _results(prepared: Prepared, faces: list[Face]) -> list[dict[str, Any]]:
-    """Each image's answer: its size, its faces (a whole-image box where there was none) and crop policy."""
+    """Each image's answer: its size, its faces (``box`` None where no face was found, as
+    :func:`ferlab.analyze` says it) and crop policy."""
     results, k = [], 0
     for (width, height), policy, crops in prepared:
         mine = faces[k : k + len(crops)]
         k += len(crops)
         result: dict[str, Any] = {
             "image": {"width": width, "height": height},
-            "faces": [{**f.as_dict(), "box": list(f.box) if f.box else [0, 0, width, height]} for f in mine],
+            "faces": [f.as_dict() for f in mine],
             "face_crop": policy,
         }
         if not crops:
@@ -474,10 +523,16 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(models: list[Model], sock: socket.socket, max_bytes: int, max_pending: int = MAX_PENDING) -> None:
+def serve(
+    models: list[Model],
+    sock: socket.socket,
+    max_bytes: int,
+    max_pending: int = MAX_PENDING,
+    max_pixels: int = MAX_PIXELS,
+) -> None:
     import uvicorn
 
-    app = create_app(models, max_bytes, max_pending=max_pending)
+    app = create_app(models, max_bytes, max_pixels, max_pending)
     host, port = sock.getsockname()[:2]
     # a stop (Ctrl-C, SIGTERM) waits at most 5 s for requests still in the works
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5)

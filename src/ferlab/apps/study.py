@@ -214,9 +214,32 @@ def dataset_record(data: Data) -> dict:
 
 
 def record_split(out: Path, data: Data) -> None:
+    """dataset.json, manifest.csv and skipped_files.csv of one split; a split a run recorded earlier (a resumed
+    run) must be the same one, or the run's tables would mix two splits."""
+    if (out / "manifest.csv").is_file():
+        check_same_split(out / "manifest.csv", data)
     write_text(out / "dataset.json", json.dumps(dataset_record(data), indent=1))
     write_manifest(data, out / "manifest.csv")
     write_csv(out / "skipped_files.csv", [{"file": f, "reason": r} for f, r in data.skipped], ["file", "reason"])
+
+
+def check_same_split(manifest: Path, data: Data) -> None:
+    """A FerlabError naming what changed when ``data`` does not split as ``manifest`` recorded."""
+    was = {r["file"]: (r["class"], r["split"]) for r in read_csv(manifest)}
+    now = {r.file: (r.cls, r.split) for r in data.manifest}
+    gone, new = sorted(was.keys() - now.keys()), sorted(now.keys() - was.keys())
+    moved = sorted(f for f in was.keys() & now.keys() if was[f] != now[f])
+    if not (gone or new or moved):
+        return
+    changes = [
+        f"{len(files)} {what} (first: {files[0]})"
+        for files, what in ((gone, "gone"), (new, "new"), (moved, "in another class or split"))
+        if files
+    ]
+    raise FerlabError(
+        f"The data is not what {manifest.parent} was split from: {'; '.join(changes)}; resume with the data the "
+        "run started with, or start a new run."
+    )
 
 
 def set_status(run_dir: Path, state: str, **facts: object) -> None:
@@ -654,6 +677,26 @@ def run_unit(
     return where
 
 
+def launched_run_dir(cfg: StudyConfig, name: str) -> Path:
+    """The run folder of a run whose ranks torchrun or SLURM started: every rank computes the same name without
+    talking to the others (``--name``, else the data's name and the launch's id), and rank 0 makes it. A folder
+    that holds an earlier run is continued only with ``--resume``."""
+    if not cfg.name:
+        launch = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if launch == "none":
+            raise FerlabError(
+                "Started by torchrun without --standalone or --rdzv-id, the ranks cannot agree on a run folder; "
+                "pass --name."
+            )
+        name = f"{name}-{launch}"
+    path = Path(cfg.out) / name
+    if is_rank_zero():
+        if (path / "config.yaml").is_file():
+            raise FerlabError(f"{path} holds an earlier run; continue it with --resume {path}, or pass another --name.")
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def place_run(cfg: StudyConfig, models: list[str], resume: Path | None) -> Path:
     """The run folder: the one being resumed, the one rank 0 made (for the other ranks of a multi-process run,
     which Lightning starts with this process's environment), or a new one."""
@@ -662,13 +705,9 @@ def place_run(cfg: StudyConfig, models: list[str], resume: Path | None) -> Path:
     inherited = os.environ.get("FERLAB_RUN_DIR")
     if inherited and not is_rank_zero():
         return Path(inherited)
-    if not is_rank_zero() or (is_distributed(cfg.train) and os.environ.get("RANK")):
-        # started by torchrun or SLURM: every rank computes the same folder name, and rank 0 makes it
-        path = Path(cfg.out) / (cfg.name or "distributed-run")
-        if is_rank_zero():
-            path.mkdir(parents=True, exist_ok=True)
-        return path
     name = cfg.name or (Path(cfg.data.data).name if cfg.data.data else "demo-synthetic")
+    if not is_rank_zero() or (is_distributed(cfg.train) and os.environ.get("RANK")):
+        return launched_run_dir(cfg, name)
     run_dir = unique_dir(Path(cfg.out), name + ("" if len(models) > 1 else f"-{models[0]}"))
     os.environ["FERLAB_RUN_DIR"] = str(run_dir)  # for ranks Lightning may start later
     return run_dir

@@ -16,7 +16,9 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +35,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 # the decoders ferlab lets Pillow use: never EPS (which runs Ghostscript), PSD and the like
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 WEB_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # what the server decodes: a smaller surface for strangers' bytes
+# ferlab checks every image's pixel count against its own limit from the header, so Pillow's warning above its
+# default limit says nothing new; filtered once here, because warnings.catch_warnings is not thread-safe and
+# images are decoded in worker threads
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -121,17 +127,15 @@ def decode_image(fp: BinaryIO, max_pixels: int, used: int = 0, formats: tuple[st
     server's uploads. Only ``formats`` are tried; the pixel limit (``used`` pixels already spent
     count against it) is checked from the header, before any pixel is decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp, formats=formats)
-            if used + im.width * im.height > max_pixels:
-                raise BadImage(
-                    f"{im.width}x{im.height}{' with the earlier images' if used else ''} is over the pixel limit "
-                    f"of {max_pixels:,} (possible decompression bomb)",
-                    "pixels",
-                )
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        im = Image.open(fp, formats=formats)
+        if used + im.width * im.height > max_pixels:
+            raise BadImage(
+                f"{im.width}x{im.height}{' with the earlier images' if used else ''} is over the pixel limit "
+                f"of {max_pixels:,} (possible decompression bomb)",
+                "pixels",
+            )
+        im.load()
+        im = ImageOps.exif_transpose(im)
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -157,16 +161,46 @@ def normalize_mode(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-_FACES: dict[tuple, list[faces.Box]] = {}  # (path, mtime, size, detector) -> boxes: each file searched once
+FACES_KEPT = 65_536  # files whose faces are remembered (a few MB): a study's images, not a photo archive
+
+
+class FaceCache:
+    """The faces found per file (path, mtime, size, detector), the most recently used :data:`FACES_KEPT`, so a
+    file a process decodes again (every model of a study, every epoch of a report) is searched once, while a
+    million-file prediction holds a bounded amount. Safe to share between decoding threads."""
+
+    def __init__(self, size: int = FACES_KEPT):
+        self.size, self.found, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: tuple) -> list[faces.Box] | None:
+        with self.lock:
+            if key in self.found:
+                self.found.move_to_end(key)
+                return self.found[key]
+            return None
+
+    def put(self, key: tuple, boxes: list[faces.Box]) -> None:
+        with self.lock:
+            self.found[key] = boxes
+            self.found.move_to_end(key)
+            while len(self.found) > self.size:
+                self.found.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.found.clear()
+
+
+_FACES = FaceCache()
 
 
 def detect(im: Image.Image, detector: str, key: Any = None) -> list[faces.Box]:
-    """Faces in the decoded image, largest first; with a ``key`` (a file's identity) searched once per process."""
-    if key is not None and (key, detector) in _FACES:
-        return _FACES[(key, detector)]
+    """Faces in the decoded image, largest first; with a ``key`` (a file's identity) remembered per process."""
+    if key is not None and (cached := _FACES.get((key, detector))) is not None:
+        return cached
     found = faces.find_faces(np.asarray(im), detector)
     if key is not None:
-        _FACES[(key, detector)] = found
+        _FACES.put((key, detector), found)
     return found
 
 

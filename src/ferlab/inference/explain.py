@@ -11,28 +11,29 @@ exported ONNX models). Test-time mirroring is off while explaining, so the map i
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 
 from ferlab.core.errors import FerlabError
-from ferlab.inference.model import Model, TorchRuntime, calibrated
+from ferlab.inference.model import Model, TorchRuntime, calibrated, run_batches
 from ferlab.models.registry import REGISTRY
 
 METHODS = ("gradcam", "occlusion")
 
 
-@contextlib.contextmanager
-def _single_pass(net: torch.nn.Module) -> Iterator[None]:
-    tta = getattr(net, "tta", False)
-    net.tta = False
-    try:
-        yield
-    finally:
-        net.tta = tta
+class SinglePass(torch.nn.Module):
+    """``net``'s forward without test-time mirroring, on ``net``'s own weights: the network (which the model
+    cache shares across the process, and a server's other threads are using) is never switched."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.single_pass(x) if hasattr(self.net, "single_pass") else self.net(x)
 
 
 def _normalise(maps: torch.Tensor) -> np.ndarray:
@@ -68,8 +69,7 @@ def heatmaps(model: Model, crops: Sequence[np.ndarray], targets: Sequence[int], 
         net = model.runtime.net
         spec = REGISTRY[model.card["model"]]
         layer = dict(net.named_modules())[spec.target_layer]
-        with _single_pass(net):
-            cam = LayerGradCam(net, layer).attribute(x, target=target, relu_attributions=True)
+        cam = LayerGradCam(SinglePass(net), layer).attribute(x, target=target, relu_attributions=True)
         maps = LayerAttribution.interpolate(cam.detach(), tuple(size), interpolate_mode="bilinear")[:, 0]
         return _normalise(maps.clamp(min=0))
     from captum.attr import Occlusion
@@ -80,8 +80,7 @@ def heatmaps(model: Model, crops: Sequence[np.ndarray], targets: Sequence[int], 
     def probs(t: torch.Tensor) -> torch.Tensor:
         u8 = (t * 255).round().clamp(0, 255).to(torch.uint8)
         if isinstance(model.runtime, TorchRuntime):
-            with _single_pass(model.runtime.net):
-                return calibrated(model.runtime.logits(u8), model.temperature)
+            return calibrated(run_batches(SinglePass(model.runtime.net), u8), model.temperature)
         return model.probabilities(u8)
 
     occ = Occlusion(probs).attribute(

@@ -114,7 +114,11 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta and not self.training:
-            return (self.head(self.body(self.normalize(x))) + self.head(self.body(self.normalize(x.flip(-1))))) / 2
+            return (self.single_pass(x) + self.single_pass(x.flip(-1))) / 2
+        return self.single_pass(x)
+
+    def single_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``x`` alone (no mirror image), whatever ``tta`` says."""
         return self.head(self.body(self.normalize(x)))
 
     def cut(self, trainable_units: int | None) -> int:

@@ -20,16 +20,25 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from ferlab.core.config import TrainConfig
 from ferlab.core.errors import FerlabError
@@ -118,8 +127,10 @@ class Classifier(L.LightningModule):
         lr: float,
         augment: nn.Module | None = None,
         tta: bool = False,
+        stage: int = 1,
     ):
         super().__init__()
+        self.stage = stage
         self.frozen, self.trainable, self.augment, self.cfg, self.lr, self.tta = (
             frozen,
             trainable,
@@ -149,6 +160,11 @@ class Classifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.trainable.train()
         self.frozen.eval()  # frozen batch-norm statistics must not drift either
+        if self.trainer.world_size > 1:
+            # every rank starts from one seed; without this each would draw the same augmentations and dropout
+            # masks for its own images. Per epoch, so a resumed epoch draws what it drew the first time
+            entropy = [self.cfg.seed, self.stage, self.current_epoch, self.global_rank]
+            torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def step(self, batch: tuple[torch.Tensor, ...], split: str) -> torch.Tensor:
         """Loss and accuracy of one batch: (images, labels) or, with votes, (images, majority, vote distribution).
@@ -368,10 +384,35 @@ def _loader(
     under DDP a plain loader, so Lightning can shard it."""
     ds = TensorDataset(x, y) if targets is None else TensorDataset(x, y, targets)
     pin = torch.cuda.is_available()
+    if distributed and generator is None:  # validation: every image scored once across the ranks
+        return DataLoader(ds, batch_size, sampler=EveryItemOnce(len(ds)), pin_memory=pin)
     if distributed:
-        return DataLoader(ds, batch_size, shuffle=generator is not None, generator=generator, pin_memory=pin)
+        return DataLoader(ds, batch_size, shuffle=True, generator=generator, pin_memory=pin)
     sampler = RandomSampler(ds, generator=generator) if generator is not None else SequentialSampler(ds)
     return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, pin_memory=pin)
+
+
+class EveryItemOnce(DistributedSampler):
+    """One rank's share of the validation split: items rank, rank + world, ..., without the repeats Lightning's
+    DistributedSampler pads with (which synchronised accuracy would count twice). The rank is read when the
+    loader is iterated, once DDP has started the processes; being a DistributedSampler, Lightning keeps it."""
+
+    def __init__(self, n: int):  # the base class would ask for the process group, not made yet
+        self.n = n
+
+    def _mine(self) -> range:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return range(torch.distributed.get_rank(), self.n, torch.distributed.get_world_size())
+        return range(self.n)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+    def set_epoch(self, epoch: int) -> None:  # the order never changes
+        pass
 
 
 def is_distributed(cfg: TrainConfig) -> bool:
@@ -551,7 +592,7 @@ def _fit_stage(
     augment = Augment(cfg.rotate, cfg.shift, cfg.zoom, cfg.jitter, cfg.erase) if aug else None
     # test-time augmentation in validation too, so the chosen epoch is chosen as the model will predict
     # (not on cached features, which cannot be mirrored)
-    module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, cfg.tta and inputs is None)
+    module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, cfg.tta and inputs is None, stage)
     bar = cfg.progress and sys.stderr.isatty()  # a log file gets one line per epoch, not bar frames
     table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar)
     keep.offset = len(result.epochs)

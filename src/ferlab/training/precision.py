@@ -180,11 +180,12 @@ def choose(
 
     if not native_bf16():
         return Choice("32", 1.0, 0.0, 0.0, NO_BF16)
-    torch.manual_seed(0)
-    net = create_model(model, num_classes, image_size, "none", None)
-    # a transfer model's backbone input is what it is trained at; timing it at 224 costs seconds, so time the
-    # data size: what matters is the chip's bf16 rate against its fp32 rate on these layer types
-    fp32, bf16 = time_steps(net, image_size, min(batch_size, 32))
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(0)
+        net = create_model(model, num_classes, image_size, "none", None)
+        # a transfer model's backbone input is what it is trained at; timing it at 224 costs seconds, so time
+        # the data size: what matters is the chip's bf16 rate against its fp32 rate on these layer types
+        fp32, bf16 = time_steps(net, image_size, min(batch_size, 32))
     speedup = fp32 / bf16
     choice = Choice(
         "bf16-mixed" if speedup >= MARGIN else "32",
