@@ -225,6 +225,19 @@ def test_auto_precision_is_measured_once_cached_and_reused(tmp_path, monkeypatch
     assert len(cache) == 2
 
 
+def test_measuring_the_precision_leaves_the_callers_random_stream_alone(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: (0.1 + float(torch.rand(1)), 0.1))
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    assert not precision.choose("regularized-cnn", 3, 32, 16).cached  # measured: a net built, inputs drawn
+    assert torch.equal(torch.rand(4), want)
+
+
 @pytest.mark.slow
 def test_a_cpu_without_native_bf16_trains_in_fp32_without_timing_it(tmp_path, monkeypatch):
     monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
