@@ -124,7 +124,7 @@ def test_predict_with_no_checkpoint_uses_it_and_the_api_matches(tmp_path):
     r = cli("predict", *map(str, faces), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_csv(tmp_path / "prediction_results.csv")
-    assert list(rows[0])[2:4] == ["ferplus_predicted", "ferplus_confidence"]
+    assert list(rows[0])[5:7] == ["ferplus_predicted", "ferplus_confidence"]  # after file, face, box, found, truth
     api = ferlab.analyze([str(f) for f in faces])
     for row, got in zip(rows, api):
         assert row["ferplus_predicted"] == got[0]["label"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -343,3 +344,62 @@ def test_ctrl_c_during_an_epoch_is_exit_130_and_a_resumable_status(tmp_path):
     assert "ferlab: interrupted; files already written in the run folder are complete." in rest
     status = json.loads((only_run(tmp_path / "o") / "status.json").read_text())
     assert status["state"] == "incomplete" and status["reason"] == "interrupted (Ctrl-C)"
+
+
+def test_tensorboard_holds_every_epoch_of_the_table_and_the_test_pictures(tmp_path):
+    """The default logger writes TensorBoard event files into the model's folder; TensorBoard's own reader
+    finds every epoch's numbers equal to epochs.csv's, the learning rate, and the test split's pictures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_tree(tmp_path / "d", per_class=12)
+    r = cli("train", str(data), "--model", "regularized-cnn", *TINY, "--max-epochs", "3", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = only_run(tmp_path / "o") / "regularized-cnn"
+    assert list(folder.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}).Reload()
+    table = read_csv(folder / "epochs.csv")
+    for tag, column in (("val/acc", "val_acc"), ("val/loss", "val_loss"), ("train/acc", "train_acc")):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in logged] == [int(row["epoch"]) for row in table] == [1, 2, 3]
+        assert all(abs(v - float(row[column])) < 1e-6 for (_, v), row in zip(logged, table)), tag
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([1e-3] * 3)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    wrong = metrics["n"] - metrics["correct"]
+    images = set(events.Tags()["images"])
+    assert images == ({"test/confusion_matrix", "test/misclassified"} if wrong else {"test/confusion_matrix"})
+    (confusion,) = events.Images("test/confusion_matrix")
+    assert (
+        Image.open(io.BytesIO(confusion.encoded_image_string)).size == Image.open(folder / "confusion_matrix.png").size
+    )
+    for kind, present in (("csv", "csv/metrics.csv"), ("none", None)):
+        out = tmp_path / kind
+        r = cli("train", str(data), "--model", "regularized-cnn", *TINY, "--max-epochs", "1", "--logger", kind,
+                "--out", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        model = only_run(out) / "regularized-cnn"
+        assert not list(model.glob("events.out.tfevents.*"))
+        assert present is None or (model / present).is_file()
+
+
+def test_mlflow_logs_the_epochs_into_a_local_mlruns(tmp_path, monkeypatch):
+    """--logger mlflow (the mlflow extra) with no tracking URI logs to ./mlruns: the run named by its folder,
+    every epoch's validation accuracy as in epochs.csv, and the confusion matrix as an artifact."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    data = make_tree(tmp_path / "d", per_class=10)
+    args = ["train", str(data), "--model", "regularized-cnn", *TINY, "--max-epochs", "2", "--logger", "mlflow"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "ferlab", *args, "--out", "o"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = only_run(tmp_path / "o") / "regularized-cnn"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("ferlab").experiment_id])
+    assert run.info.run_name == f"{folder.parent.name}/regularized-cnn"
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/acc")]
+    table = read_csv(folder / "epochs.csv")
+    assert [s for s, _ in history] == [1, 2]
+    assert all(abs(v - float(row["val_acc"])) < 1e-6 for (_, v), row in zip(history, table))
+    assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -51,6 +51,7 @@ from ferlab.training.calibration import calibration
 from ferlab.training.fit import FitResult, fit_model, is_distributed, is_rank_zero
 from ferlab.training.memory import keep_freed_memory
 from ferlab.training.precision import choose, share
+from ferlab.training.tracking import Logger, check_logger, log_test, open_logger
 
 COMPARISON_COLUMNS = [
     "model",
@@ -91,6 +92,7 @@ def check_config(cfg: StudyConfig, models: list[str]) -> None:
     """Every setting that cannot work, refused in one sentence before any data is read or model trained."""
     t, d = cfg.train, cfg.data
     check_training(cfg)
+    check_logger(t.logger)
     for m in models:
         need(m in REGISTRY, f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
     need(len(set(models)) == len(models), f"--models names a model twice: {' '.join(models)}.")
@@ -290,7 +292,8 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         say(f"ferlab: training {name} ({param_counts(net)[0]:,} parameters)")
     state_dir = out / "training-state"
     keep_freed_memory()
-    fit = fit_model(name, net, data, cfg.train, state_dir)
+    logger = open_logger(cfg.train.logger, out, tracking_name(cfg, out)) if is_rank_zero() else None
+    fit = fit_model(name, net, data, cfg.train, state_dir, logger)
     if not is_rank_zero():
         return None
     votes = ["val_vote_loss"] if fit.epochs and "val_vote_loss" in fit.epochs[0] else []
@@ -323,6 +326,7 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         val_acc=fit.best_val_acc,
         temperature=t,
     )
+    log_misclassified(logger, out, probs, labels, files, data)
     card["test_metrics"] = {k: m[k] for k in ("n", "correct", "accuracy", "ci95", "macro_f1", "ece")}
     save_checkpoint(out / "model.ckpt", net, name, data.classes, data.pre, **card)
     row = comparison_row(name, net, fit, train_acc_eval, m)
@@ -334,6 +338,27 @@ def train_and_test(name: str, net: Net, data: Data, cfg: StudyConfig, split_dir:
         f"n={m['n']}), best epoch {fit.best_epoch} of {len(fit.epochs)}, {fit.seconds:.0f} s"
     )
     return Trained(name, row, fit)
+
+
+def tracking_name(cfg: StudyConfig, out: Path) -> str:
+    """A model's name in an experiment tracker: its folder under the runs folder (run[/fold-k]/model)."""
+    try:
+        return out.resolve().relative_to(Path(cfg.out).resolve()).as_posix()
+    except ValueError:  # a resumed run that lives elsewhere
+        return f"{out.parent.name}/{out.name}"
+
+
+def log_misclassified(
+    logger: Logger | None, out: Path, probs: torch.Tensor, labels: torch.Tensor, files: list[str], data: Data
+) -> None:
+    """The tracker's end-of-training pictures: the confusion matrix and the first 32 misclassified test images."""
+    predicted = probs.argmax(1)
+    wrong = [i for i in range(len(labels)) if predicted[i] != labels[i]][:32]
+    names = data.classes
+    captions = [
+        f"{Path(files[i]).name}: true {names[int(labels[i])]}, predicted {names[int(predicted[i])]}" for i in wrong
+    ]
+    log_test(logger, out / "confusion_matrix.png", data.splits["test"].images[wrong], captions)
 
 
 def validate(name: str, net: Net, data: Data, fit: FitResult, seed: int) -> tuple[dict, dict, float]:

@@ -85,6 +85,12 @@ class TrainConfig:
         choices=("constant", "cosine"),
     )
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    logger: str = opt(
+        "tensorboard",
+        "experiment tracking through Lightning's loggers: tensorboard (event files in each model's folder: "
+        "tensorboard --logdir runs/), csv, mlflow ($MLFLOW_TRACKING_URI, else ./mlruns) or none",
+        choices=("tensorboard", "csv", "mlflow", "none"),
+    )
     vote_target: str = opt(
         "distribution",
         "with --labels votes: train on each image's vote distribution (cross-entropy to the normalised votes) "

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import (
@@ -48,6 +49,7 @@ from ferlab.inference.model import run_batches
 from ferlab.models.registry import EMOTION_TRANSFER, REGISTRY, Net
 from ferlab.training.memory import keep_freed_memory
 from ferlab.training.precision import choose
+from ferlab.training.tracking import log_epoch
 
 for _name in (
     "lightning.pytorch.utilities.rank_zero",
@@ -220,8 +222,8 @@ class Classifier(L.LightningModule):
 class EpochTable(Callback):
     """One row per epoch: the per-epoch CSV, and what the report plots."""
 
-    def __init__(self, stage: int, first_epoch: int, echo: bool = False):
-        self.stage, self.first, self.rows, self.echo = stage, first_epoch, [], echo
+    def __init__(self, stage: int, first_epoch: int, echo: bool = False, logger: Logger | None = None):
+        self.stage, self.first, self.rows, self.echo, self.logger = stage, first_epoch, [], echo, logger
 
     @property
     def state_key(self) -> str:
@@ -247,6 +249,7 @@ class EpochTable(Callback):
                 "seconds": round(time.perf_counter() - self.t0, 3),
             }
         )
+        log_epoch(self.logger, self.rows[-1], trainer.optimizers[0].param_groups[0]["lr"])
         if self.echo and trainer.is_global_zero:  # without a progress bar, one line per epoch (Keras' verbose=2)
             r = self.rows[-1]
             print(
@@ -454,8 +457,11 @@ def _cache_fits(module: nn.Module, x: torch.Tensor, share: float = 0.25) -> bool
     return per_image * len(x) <= share * ram
 
 
-def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path | None = None) -> FitResult:
-    """Train ``net`` in place on ``data``'s train split, choosing weights on its val split.
+def fit_model(
+    name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path | None = None, logger: Logger | None = None
+) -> FitResult:
+    """Train ``net`` in place on ``data``'s train split, choosing weights on its val split; each epoch's row
+    also goes to ``logger`` (see :mod:`ferlab.training.tracking`).
 
     With ``state_dir``, the training state is written there as epochs end (``stage<k>-last.ckpt``, how often:
     :class:`SaveState`; finished stages in ``progress.json``, their best weights in ``best-stage<k>.pt``), and
@@ -479,7 +485,8 @@ def fit_model(name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path
     for stage, (units, lr, aug) in enumerate(stages, start=1):
         if stage > done_stages:
             inputs = features.inputs(net, units, data) if cached[stage - 1] else None
-            _fit_stage(stage, units, lr, aug, inputs, net, data, cfg, choice.precision, result, keep, state_dir)
+            run = (choice.precision, result, keep, state_dir, logger)
+            _fit_stage(stage, units, lr, aug, inputs, net, data, cfg, *run)
     result.seconds = time.perf_counter() - t0
     best = result.epochs[keep.best_epoch]
     result.best_epoch, result.best_val_acc, result.train_acc = best["epoch"], best["val_acc"], best["train_acc"]
@@ -575,6 +582,7 @@ def _fit_stage(
     result: FitResult,
     keep: KeepBest,
     state_dir: Path | None,
+    logger: Logger | None = None,
 ) -> None:
     """One stage: ``units`` trainable (None: all), the rest frozen; epochs and best weights into ``result``/``keep``."""
     # each stage's random streams start from its own seed, so a resumed fit that begins here draws what an
@@ -594,7 +602,7 @@ def _fit_stage(
     # (not on cached features, which cannot be mirrored)
     module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, cfg.tta and inputs is None, stage)
     bar = cfg.progress and sys.stderr.isatty()  # a log file gets one line per epoch, not bar frames
-    table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar)
+    table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar, logger=logger)
     keep.offset = len(result.epochs)
     generator = torch.Generator().manual_seed(cfg.seed + stage)
     last = None if state_dir is None else state_dir / f"stage{stage}-last.ckpt"
