@@ -38,3 +38,37 @@ def test_demo_classes_differ_in_the_face_not_in_the_scene(tmp_path):
         for b in names[i + 1 :]:
             diff = np.abs(faces[a] - faces[b]).mean(2)
             assert diff[30:90, 25:75].mean() > 5 * max(diff[:15, :15].mean(), 0.2), (a, b)
+
+
+def test_the_demo_runs_with_its_quick_settings_and_a_data_folder_with_the_studys(tmp_path, capsys):
+    """`ferlab run` with no data trains small and short (under 3 minutes on 2 cores: benchmarks/demo_run.py);
+    flags override the demo's settings, and a data folder, given or in a config, gets the study's defaults."""
+    from ferlab.apps.cli import _config, build_parser
+    from ferlab.core.config import StudyConfig
+
+    def resolved(*argv: str):
+        return _config(build_parser().parse_args(["run", *argv]))
+
+    quick = resolved()
+    assert quick.data.data is None and quick.data.image_size <= 48 and quick.train.backbone_size <= 96
+    assert quick.train.max_epochs <= 15 and demo.PER_CLASS * len(demo.CLASSES) <= 1110
+    said = capsys.readouterr().err
+    assert said.startswith("ferlab: demo settings (no data folder given): 48 px images, at most 15 epochs a stage")
+    assert resolved("--max-epochs", "3", "--image-size", "64").train.max_epochs == 3
+    assert resolved("--image-size", "64").data.image_size == 64
+    capsys.readouterr()
+    study = StudyConfig()
+    for cfg in (resolved(str(tmp_path)), resolved("--config", str(_config_with_data(tmp_path)))):
+        assert (cfg.data.image_size, cfg.train.max_epochs, cfg.train.patience, cfg.train.backbone_size) == (
+            study.data.image_size,
+            study.train.max_epochs,
+            study.train.patience,
+            study.train.backbone_size,
+        )
+    assert "demo settings" not in capsys.readouterr().err
+
+
+def _config_with_data(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  data: {tmp_path}\n")
+    return path

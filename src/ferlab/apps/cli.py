@@ -22,6 +22,7 @@ from ferlab.core.config import DataConfig, StudyConfig, TrainConfig, add_flags, 
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import plural
 from ferlab.core.version import __version__
+from ferlab.data import demo
 
 
 def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -204,10 +205,23 @@ def merge_dicts(base: dict, over: dict) -> dict:
 
 
 def _config(args: argparse.Namespace) -> StudyConfig:
-    cfg = StudyConfig()
-    if getattr(args, "config", None):
-        cfg = merge(cfg, load_yaml(args.config))
-    return merge(cfg, overrides_from_args(args))
+    """The defaults, then the --config file, then the flags; with no data folder at all, the demo's quick
+    settings come between the defaults and the rest (:data:`ferlab.data.demo.SETTINGS`)."""
+    loaded = load_yaml(args.config) if getattr(args, "config", None) else {}
+    given = overrides_from_args(args)
+    cfg = merge(StudyConfig(), loaded)
+    if merge(cfg, given).data.data is None:
+        cfg = merge(merge(merge(StudyConfig(), demo.SETTINGS), loaded), given)
+        d, t = cfg.data, cfg.train
+        patience = f"patience {t.patience}" if t.patience else "no early stopping"
+        print(
+            f"ferlab: demo settings (no data folder given): {d.image_size} px images, at most {t.max_epochs} epochs "
+            f"a stage, {patience}, transfer backbones at {t.backbone_size} px; flags override them, and a data "
+            "folder gets the study's own defaults",
+            file=sys.stderr,
+        )
+        return cfg
+    return merge(cfg, given)
 
 
 def main(argv: list[str] | None = None) -> int:
