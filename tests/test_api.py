@@ -209,14 +209,14 @@ def test_auto_precision_is_measured_once_cached_and_reused(tmp_path, monkeypatch
     monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(precision, "native_bf16", lambda: True)  # whatever CPU runs the test
-    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or (0.30, 0.10))
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or ([0.3] * 3, [0.1] * 3))
     first = precision.choose("regularized-cnn", 3, 32, 16)
     assert (first.precision, first.speedup, first.cached) == ("bf16-mixed", 3.0, False) and calls == [32]
     again = precision.choose("regularized-cnn", 3, 32, 16)
     assert again.cached and again.precision == "bf16-mixed" and calls == [32]  # no second timing
     assert "bf16 mixed precision 3.0x faster than fp32" in again.message("regularized-cnn")
     monkeypatch.setattr(precision, "fingerprint", lambda: "another CPU | avx2 | 2 threads | torch x")
-    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or (0.10, 0.20))
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: calls.append(size) or ([0.1] * 3, [0.2] * 3))
     other = precision.choose("regularized-cnn", 3, 32, 16)
     assert other.precision == "32" and calls == [32, 32]  # a new machine measures again
     forced = precision.choose("regularized-cnn", 3, 32, 16, precision="bf16-mixed")
@@ -225,12 +225,31 @@ def test_auto_precision_is_measured_once_cached_and_reused(tmp_path, monkeypatch
     assert len(cache) == 2
 
 
+def test_rounds_that_disagree_give_fp32_and_nothing_cached(tmp_path, monkeypatch):
+    """A busy machine can turn bf16's speedup upside down: when the rounds' interval straddles the 10% margin the
+    verdict is fp32 for this run, said so, and measured again next time."""
+    monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: ([0.3, 0.1, 0.25], [0.1, 0.2, 0.1]))
+    choice = precision.choose("regularized-cnn", 3, 32, 16)
+    assert (choice.precision, choice.measured, choice.low, choice.high) == ("32", "undecided", 0.5, 3.0)
+    assert "ran 0.50-3.00x fp32's speed over the timed rounds" in choice.message("regularized-cnn")
+    assert "fp32 this time, measured again next time" in choice.message("regularized-cnn")
+    assert not (tmp_path / "precision.json").exists()
+
+
+def test_the_speedup_interval_is_the_rounds_range_then_drops_the_extremes():
+    assert precision.interval([1.3, 0.9, 1.2]) == (0.9, 1.3)
+    assert precision.interval([1.5, 0.2, 1.4, 1.3, 1.2, 1.3, 1.4, 9.0, 1.25]) == (1.2, 1.5)
+    assert precision.straddles([1.3, 1.05, 1.2]) and not precision.straddles([1.3, 1.15, 1.2])
+
+
 def test_measuring_the_precision_leaves_the_callers_random_stream_alone(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(precision, "native_bf16", lambda: True)
-    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: (0.1 + float(torch.rand(1)), 0.1))
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: ([0.1 + float(torch.rand(1))], [0.1]))
     torch.manual_seed(5)
     want = torch.rand(4)
     torch.manual_seed(5)

@@ -488,7 +488,7 @@ def models_section(doc: Doc, s: Study) -> None:
             precision += "; " + m["precision_note"]
         doc.p(
             f"Trained for {r['epochs_run']} epochs in {secs:.0f} s ({precision}); "
-            f"early stopping chose epoch {r['best_epoch']} (validation accuracy {pct(float(r['val_acc']))})."
+            f"validation chose epoch {r['best_epoch']} (validation accuracy {pct(float(r['val_acc']))})."
         )
         doc.pre((s.run / n / "summary.txt").read_text().rstrip())
         plot_curves(s.epochs[n], int(r["best_epoch"]), f"{n}: learning curves", s.files / f"curves-{n}.png")

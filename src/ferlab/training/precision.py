@@ -6,9 +6,12 @@
 On a CUDA device the rule is fixed (bf16 mixed precision where supported, else fp16). On a CPU the answer
 depends on the chip: bf16 matmul ran 3.3x faster than fp32 on a Xeon with AMX, 2.2x on an EPYC with
 avx512_bf16, and half as fast on a Xeon without either. So the first time a model trains on a machine, a few
-training steps are timed in fp32 and in bf16 mixed precision, interleaved, and the faster wins (bf16 must
-beat fp32 by 10% to be worth its rounding). The result is cached per machine fingerprint (CPU model, its
-bf16/AMX flags, core count, torch version) in ferlab's cache folder; a change of any of them measures again.
+training steps are timed in fp32 and in bf16 mixed precision, in interleaved rounds, and bf16 is chosen when
+every round (the interval of the rounds' speedups) says it beats fp32 by 10%, enough to be worth its
+rounding. A machine busy with other work can turn the answer upside down (bf16 3.7x slower under load on a
+Xeon where it is 1.6x faster quiet); rounds that disagree give fp32 for this run, and nothing is cached. A
+decided answer is cached per machine fingerprint (the CPU's name, family, model and stepping, its bf16/AMX
+flags, core count, torch version) in ferlab's cache folder; a change of any of them measures again.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class Choice:
     bf16_ms: float
     measured: str  # the date of the measurement, or the rule that decided
     cached: bool = False
+    low: float = 0.0  # the interval of the per-round speedups (0: not measured)
+    high: float = 0.0
 
     def message(self, model: str) -> str:
         if self.measured == NO_BF16:
@@ -51,6 +56,13 @@ class Choice:
             )
         if self.measured in ("cuda", "forced"):
             return f"ferlab: precision {self.precision} ({'CUDA rule' if self.measured == 'cuda' else 'as given'})"
+        if self.measured == UNDECIDED:
+            return (
+                f"ferlab: precision 32 on this CPU for {model}: bf16 mixed precision ran "
+                f"{self.low:.2f}-{self.high:.2f}x fp32's speed over the timed rounds "
+                f"({self.bf16_ms:.0f} vs {self.fp32_ms:.0f} ms a step), not clearly {MARGIN:.2f}x faster "
+                "(a busy machine?); fp32 this time, measured again next time"
+            )
         faster = "faster" if self.speedup >= 1 else "slower"
         ratio = self.speedup if self.speedup >= 1 else 1 / self.speedup
         return (
@@ -79,6 +91,7 @@ def cache_file() -> Path:
 
 
 NO_BF16 = "no native bf16"
+UNDECIDED = "undecided"  # the rounds' interval straddled the margin: fp32, and nothing cached
 
 
 def cpu_flags() -> set[str]:
@@ -97,16 +110,24 @@ def native_bf16() -> bool:
 
 
 def fingerprint() -> str:
-    """What the measured answer depends on: the CPU model and its relevant flags, cores, torch's version."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """What the measured answer depends on: the CPU (its name, family, model and stepping: Xeons of different
+    generations all call themselves "Intel(R) Xeon(R) Processor" on some machines) and its relevant flags,
+    the cores, torch's version."""
+    name, flags, ident = platform.processor() or platform.machine(), set(), {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                name = value
+            elif key in ("cpu family", "model", "stepping") and key not in ident:
+                ident[key] = value
+            elif key == "flags":
+                flags = set(value.split())
+                break  # the first processor's block says it all
+    cpu = f"{name} (family {ident.get('cpu family', '?')} model {ident.get('model', '?')} stepping "
+    cpu += f"{ident.get('stepping', '?')})"
     have = ",".join(f for f in FLAGS if f in flags)
-    return f"{name} | {have} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    return f"{cpu} | {have} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 def _load() -> dict:
@@ -124,12 +145,23 @@ def _save(cache: dict) -> None:
             tmp.write_text(json.dumps(cache, indent=1))
 
 
-def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5, budget: float = 4.0) -> tuple[float, float]:
-    """Median seconds of a training step (forward, backward, Adam) in fp32 and in bf16 autocast: warm-up steps
-    of each (oneDNN builds its kernels on first use: two, or one where the first pair took over 2 s), then
-    rounds of steps of each, interleaved so a machine's changing load hits both alike; a round lasts at least
-    0.1 s, so short steps are timed in bulk. At least 3 rounds, and no more once ``budget`` seconds are spent
-    (of the ``rounds`` at most): a large model's measurement on a first run costs seconds, not a minute."""
+def interval(ratios: list[float]) -> tuple[float, float]:
+    """A distribution-free interval for the median of per-round ratios: their range up to 5 rounds (94% for 5),
+    the second smallest to the second largest from 6 (96% for 9)."""
+    s = sorted(ratios)
+    k = 0 if len(s) <= 5 else 1
+    return s[k], s[-1 - k]
+
+
+def time_steps(
+    net: nn.Module, size: int, batch: int, rounds: int = 9, budget: float = 4.0
+) -> tuple[list[float], list[float]]:
+    """Seconds of a training step (forward, backward, Adam) in fp32 and in bf16 autocast, per round: warm-up
+    steps of each (oneDNN builds its kernels on first use: two, or one where the first pair took over 2 s),
+    then rounds of steps of each, interleaved so a machine's changing load hits both alike; a round lasts at
+    least 0.1 s, so short steps are timed in bulk. At least 3 rounds; more, up to ``rounds``, only while the
+    rounds' speedups straddle :data:`MARGIN` and ``budget`` seconds are not spent: a large model's
+    measurement on a first run costs seconds, not a minute."""
     for p in net.parameters():
         p.requires_grad_(True)
     net.train()
@@ -150,12 +182,20 @@ def time_steps(net: nn.Module, size: int, batch: int, rounds: int = 5, budget: f
     if a + b < 2.0:
         a, b = step(False), step(True)
     per_round = max(1, math.ceil(0.1 / max(1e-4, min(a, b))))
-    fp32, bf16 = [], []
+    fp32: list[float] = []
+    bf16: list[float] = []
     start = time.perf_counter()
-    while len(fp32) < rounds and (len(fp32) < 3 or time.perf_counter() - start < budget):
+    while len(fp32) < 3 or (
+        len(fp32) < rounds and time.perf_counter() - start < budget and straddles([a / b for a, b in zip(fp32, bf16)])
+    ):
         fp32.append(sum(step(False) for _ in range(per_round)) / per_round)
         bf16.append(sum(step(True) for _ in range(per_round)) / per_round)
-    return statistics.median(fp32), statistics.median(bf16)
+    return fp32, bf16
+
+
+def straddles(ratios: list[float]) -> bool:
+    low, high = interval(ratios)
+    return low < MARGIN <= high
 
 
 def choose(
@@ -185,15 +225,21 @@ def choose(
         net = create_model(model, num_classes, image_size, "none", None)
         # a transfer model's backbone input is what it is trained at; timing it at 224 costs seconds, so time
         # the data size: what matters is the chip's bf16 rate against its fp32 rate on these layer types
-        fp32, bf16 = time_steps(net, image_size, min(batch_size, 32))
-    speedup = fp32 / bf16
+        fp32s, bf16s = time_steps(net, image_size, min(batch_size, 32))
+    fp32, bf16 = statistics.median(fp32s), statistics.median(bf16s)
+    low, high = interval([a / b for a, b in zip(fp32s, bf16s)])
+    verdict = "bf16-mixed" if low >= MARGIN else "32"
     choice = Choice(
-        "bf16-mixed" if speedup >= MARGIN else "32",
-        round(speedup, 2),
+        verdict,
+        round(fp32 / bf16, 2),
         round(1000 * fp32, 1),
         round(1000 * bf16, 1),
-        date.today().isoformat(),
+        UNDECIDED if low < MARGIN <= high else date.today().isoformat(),
+        low=round(low, 2),
+        high=round(high, 2),
     )
+    if choice.measured == UNDECIDED:  # an answer the rounds disagree on is not kept for good
+        return choice
     cache = _load()  # another process may have written meanwhile
     cache.setdefault(fingerprint(), {})[key] = {k: v for k, v in asdict(choice).items() if k != "cached"}
     _save(cache)
