@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import LoadMeter  # noqa: E402
+
 KERAS_STUDY = HERE.parent.parent / "shared" / "peers" / "keras_study.py"
 VGG_WEIGHTS = HERE.parent.parent / "shared" / "weights" / "vgg16_imagenet_features.pth"
 KERAS_NAMES = {"baseline-cnn": "m1", "regularized-cnn": "m2", "vgg16-transfer": "vgg"}
@@ -173,6 +176,7 @@ def main() -> None:
 
     from ferlab.training.precision import fingerprint
 
+    meter = LoadMeter()
     env = {
         "machine": fingerprint(),
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
@@ -281,6 +285,8 @@ def main() -> None:
     if full:
         print(f"\nferlab run (three models, tables, predictions, report): {full['seconds']:.0f} s")
         print(full["table"])
+    env["load"] = meter.measure()
+    print(meter.verdict())
     Path(a.json).write_text(json.dumps({"env": env, "models": rows, "keras": keras, "full_run": full}, indent=1))
     print(f"\nwrote {a.json}")
 

@@ -31,6 +31,8 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from machine import LoadMeter  # noqa: E402
+
 from ferlab.apps.export import export_onnx, quantize_int8  # noqa: E402
 from ferlab.data.images import Preprocess  # noqa: E402
 from ferlab.inference.model import load_model  # noqa: E402
@@ -230,6 +232,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return
     result: dict = {"rows": []}
+    meter = LoadMeter()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in args.models:
@@ -237,6 +240,8 @@ def main() -> None:
         result["photo"] = bench_photo(args.models[0], tmp, args.rounds)
         if args.video:
             result["video"] = bench_video(args.models[0], tmp)
+    result["machine"] = meter.measure()
+    print(meter.verdict())
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -32,6 +32,9 @@ import httpx
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import LoadMeter  # noqa: E402
+
 CKPLUS = HERE.parent.parent / "shared" / "datasets" / "ckplus48"
 
 
@@ -192,10 +195,13 @@ def main() -> None:
     startup = time.perf_counter() - t0
     print(f"server start to first answer: {startup:.2f} s ({first.status_code}, {len(first.json()['faces'])} faces)")
     results = {"startup_s": startup, "cpu": os.cpu_count(), "runs": []}
+    whole = LoadMeter(pids=[proc.pid])  # the server's CPU is the benchmark's own
     try:
         for n in args.clients:
             server0, client0 = cpu_seconds(proc.pid), time.process_time()
+            meter = LoadMeter(pids=[proc.pid])
             r = asyncio.run(drive(url, image, n, seconds=args.seconds))
+            r["machine"] = meter.measure()
             # CPU a request costs, in the server and in this load generator (which shares the machine's cores)
             r["server_cpu_ms"] = 1000 * (cpu_seconds(proc.pid) - server0) / max(1, r["requests"])
             r["client_cpu_ms"] = 1000 * (time.process_time() - client0) / max(1, r["requests"])
@@ -203,7 +209,8 @@ def main() -> None:
             print(
                 f"{n:3d} clients: {r['requests_per_s']:7.1f} req/s, p50 {r['p50_ms']:7.1f} ms, p95 {r['p95_ms']:7.1f} "
                 f"ms, p99 {r['p99_ms']:7.1f} ms, {r['errors']} errors of {r['requests']}; CPU a request: server "
-                f"{r['server_cpu_ms']:.1f} ms, load generator {r['client_cpu_ms']:.1f} ms",
+                f"{r['server_cpu_ms']:.1f} ms, load generator {r['client_cpu_ms']:.1f} ms"
+                + ("" if r["machine"]["quiet"] else f" (NOT QUIET: other work took {r['machine']['other_share']:.0%})"),
                 flush=True,
             )
         if len(results["runs"]) > 1:
@@ -222,6 +229,7 @@ def main() -> None:
             results["soak"] = {**r, "rss_mb": samples}
             print(f"soak: {r['requests']} requests, {r['errors']} errors; resident memory (MB) every 500 requests:")
             print("  " + " ".join(f"{mb:.0f}" for _, mb in samples))
+        print(whole.verdict())
     finally:
         proc.terminate()
         proc.wait(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -45,3 +47,23 @@ def test_step_bound_frees_exactly_the_named_blocks():
         want = real.body[2](real.body[1](real.body[0](example)))
         torch.testing.assert_close(free(example), want)
         assert want.abs().sum() > 0
+
+
+def test_the_load_meter_tells_other_work_from_its_own():
+    """Busy time of a process the benchmark does not own counts as other work (and marks the run NOT QUIET);
+    the same process named as the benchmark's own (a server it drives) does not."""
+    import subprocess
+    import time
+
+    machine = _load("machine")
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass"
+    for own in (False, True):
+        spinner = subprocess.Popen([sys.executable, "-c", spin])
+        meter = machine.LoadMeter(pids=[spinner.pid] if own else [])
+        time.sleep(1.5)
+        m, said = meter.measure(), meter.verdict()  # the spinner is done, not waited for: not in os.times()
+        spinner.wait()
+        if own:
+            assert m["own_cpu_s"] >= 0.8
+        else:
+            assert m["other_cpu_s"] >= 0.8 and not m["quiet"] and "NOT QUIET" in said
