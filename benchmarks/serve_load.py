@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--image", help="the image every request sends (default: a composed 640x480 photo)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 50])
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per client count (the server goals take 5)")
     ap.add_argument("--soak", type=int, default=0, help="requests of the memory soak (0: none)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -197,7 +198,7 @@ def main() -> None:
     results = {"startup_s": startup, "cpu": os.cpu_count(), "runs": []}
     whole = LoadMeter(pids=[proc.pid])  # the server's CPU is the benchmark's own
     try:
-        for n in args.clients:
+        for n in [n for n in args.clients for _ in range(args.repeat)]:
             server0, client0 = cpu_seconds(proc.pid), time.process_time()
             meter = LoadMeter(pids=[proc.pid])
             r = asyncio.run(drive(url, image, n, seconds=args.seconds))
@@ -205,19 +206,25 @@ def main() -> None:
             # CPU a request costs, in the server and in this load generator (which shares the machine's cores)
             r["server_cpu_ms"] = 1000 * (cpu_seconds(proc.pid) - server0) / max(1, r["requests"])
             r["client_cpu_ms"] = 1000 * (time.process_time() - client0) / max(1, r["requests"])
+            # what the cores could serve if they did nothing but this server's work, and the share reached
+            r["cpu_bound_per_s"] = (os.cpu_count() or 1) * 1000 / max(1e-9, r["server_cpu_ms"])
+            r["bound_share"] = r["requests_per_s"] / r["cpu_bound_per_s"]
             results["runs"].append(r)
             print(
                 f"{n:3d} clients: {r['requests_per_s']:7.1f} req/s, p50 {r['p50_ms']:7.1f} ms, p95 {r['p95_ms']:7.1f} "
                 f"ms, p99 {r['p99_ms']:7.1f} ms, {r['errors']} errors of {r['requests']}; CPU a request: server "
-                f"{r['server_cpu_ms']:.1f} ms, load generator {r['client_cpu_ms']:.1f} ms"
+                f"{r['server_cpu_ms']:.1f} ms, load generator {r['client_cpu_ms']:.1f} ms; {r['bound_share']:.0%} of "
+                f"the CPU bound ({r['cpu_bound_per_s']:.1f} req/s)"
                 + ("" if r["machine"]["quiet"] else f" (NOT QUIET: other work took {r['machine']['other_share']:.0%})"),
                 flush=True,
             )
-        if len(results["runs"]) > 1:
-            base = results["runs"][0]["requests_per_s"]
-            for r in results["runs"][1:]:
-                ratio = r["requests_per_s"] / base
-                print(f"throughput {r['clients']} clients / {results['runs'][0]['clients']}: {ratio:.2f}x")
+        for n in args.clients if args.repeat > 1 else []:
+            runs = [r for r in results["runs"] if r["clients"] == n]
+            print(
+                f"{n:3d} clients, {len(runs)} runs: p99 {max(r['p99_ms'] for r in runs):.0f} ms at worst, "
+                f"{sum(r['errors'] for r in runs)} errors, {min(r['bound_share'] for r in runs):.0%}-"
+                f"{max(r['bound_share'] for r in runs):.0%} of the CPU bound"
+            )
         if args.soak:
             samples = []
 
