@@ -199,3 +199,26 @@ def test_empty_input_folder_and_grid_limit(tmp_path):
     assert len(read_csv(tmp_path / "p" / "prediction_results.csv")) == 3 * (GRID_PANELS // 3 + 2)
     grid = Image.open(tmp_path / "p" / "prediction_grid.png")
     assert grid.size == (6 * 240, (GRID_PANELS // 6) * (240 + 16 * 3 + 8))  # capped at GRID_PANELS
+
+
+@pytest.mark.slow
+def test_two_processes_predict_every_input_once_into_the_single_process_csv(tmp_path):
+    """--devices 2 --strategy ddp shares the inputs out through Lightning's prediction loop (gloo on CPUs): the
+    CSV and the skipped files are byte for byte a single process's, each unreadable file reported once."""
+    data = make_tree(tmp_path / "imgs", per_class=7)
+    (data / "broken.png").write_bytes(b"not an image")
+    (data / "loop.png").symlink_to(data / "loop.png")
+    models = ["--checkpoint", "ferplus", "--checkpoint", "fer2013"]
+    one = run_cli("predict", *models, str(data), "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    ddp = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    two = run_cli("predict", *models, str(data), *ddp, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in two.stderr and two.stdout.count("predictions in") == 1  # rank 0 alone reports
+    for name in ("prediction_results.csv", "skipped_files.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert len(read_csv(tmp_path / "two" / "prediction_results.csv")) == 21
+    assert sorted(Path(s["file"]).name for s in read_csv(tmp_path / "two" / "skipped_files.csv")) == [
+        "broken.png",
+        "loop.png",
+    ]

@@ -14,11 +14,21 @@ A mistake a user can make ends in one ``ferlab: error: ...`` sentence and exit s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ferlab.core.config import DataConfig, StudyConfig, TrainConfig, add_flags, load_yaml, merge, overrides_from_args
+from ferlab.core.config import (
+    DataConfig,
+    StudyConfig,
+    TrainConfig,
+    add_flags,
+    is_distributed,
+    load_yaml,
+    merge,
+    overrides_from_args,
+)
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import plural
 from ferlab.core.version import __version__
@@ -131,6 +141,13 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         "--smooth", type=float, help="videos: smooth each face's probabilities over this many seconds (default 0.5)"
     )
     pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
+    scale = pr.add_argument_group(
+        "prediction at scale (images): the inputs shared out by Lightning's prediction loop, each predicted once"
+    )
+    scale.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"))
+    scale.add_argument("--devices", default="auto", help="processes per node: devices (e.g. 2, 4 or auto)")
+    scale.add_argument("--num-nodes", type=int, default=1, help="nodes (Lightning's num_nodes)")
+    scale.add_argument("--strategy", default="auto", help="Lightning's strategy, e.g. ddp (gloo on CPUs)")
 
 
 def _summary_parser(sub: argparse._SubParsersAction) -> None:
@@ -350,7 +367,10 @@ def _report(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from ferlab.apps.video import is_video
 
-    out = Path(args.out or new_output_dir("predict"))
+    inherited = os.environ.get("FERLAB_PREDICT_DIR") if is_distributed(args) else None
+    out = Path(args.out or inherited or new_output_dir("predict"))
+    if is_distributed(args):  # the processes Lightning starts for the prediction inherit this one's folder
+        os.environ["FERLAB_PREDICT_DIR"] = str(out)
     videos = [i for i in args.inputs if is_video(i)]
     if videos:
         return _predict_video(args, videos[0], out)
@@ -367,7 +387,12 @@ def _predict_video(args: argparse.Namespace, video: str, out: Path) -> int:
 
     if len(args.inputs) > 1:
         raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
-    image_only = (("--labels", args.labels), ("--largest-face", args.largest_face), ("--explain", _explain(args)))
+    image_only = (
+        ("--labels", args.labels),
+        ("--largest-face", args.largest_face),
+        ("--explain", _explain(args)),
+        ("--devices/--num-nodes/--strategy", is_distributed(args)),
+    )
     used = [f for f, v in image_only if v]
     if used:
         them = "it" if len(used) == 1 else "them"
@@ -386,9 +411,23 @@ def _predict_images(args: argparse.Namespace, out: Path) -> int:
     used = [f for f, v in video_only if v is not None]
     if used:
         raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
+    engine = None
+    if is_distributed(args):
+        from ferlab.training.sharded import Engine
+
+        engine = Engine(args.accelerator, args.devices, args.num_nodes, args.strategy)
     p = run_predict(
-        args.checkpoint or [], args.inputs, out, args.labels, not args.largest_face, args.face_crop, _explain(args)
+        args.checkpoint or [],
+        args.inputs,
+        out,
+        args.labels,
+        not args.largest_face,
+        args.face_crop,
+        _explain(args),
+        engine=engine,
     )
+    if p is None:  # another rank of a distributed prediction: rank 0 writes and reports
+        return 0
     if p.skipped:
         print(
             f"ferlab: warning: {plural(len(p.skipped), 'input')} skipped (reasons in {out / 'skipped_files.csv'})",

@@ -19,10 +19,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ferlab.core.config import is_distributed
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import atomic, write_csv
 from ferlab.core.names import canonical, same_class, spelled_as
@@ -31,6 +33,9 @@ from ferlab.data.faces import iou
 from ferlab.data.images import IMAGE_SUFFIXES, BadImage, Decoded, NoFace, file_key, open_rgb
 from ferlab.inference.explain import check_method, heatmaps, overlay
 from ferlab.inference.model import ALL_FACES, Model, load_models
+
+if TYPE_CHECKING:
+    from ferlab.training.sharded import Engine
 
 GRID_PANELS = 48  # panels per grid page
 
@@ -146,6 +151,33 @@ def predict(
         table.flush(m)
     order = {f: i for i, f in enumerate(files)}
     return sorted(table.rows.values(), key=lambda r: (order[r.file], r.face)), table.skipped
+
+
+def predict_sharded(
+    models: list[Model],
+    files: list[Path],
+    labels: dict[str, str] | None,
+    all_faces: bool,
+    face_crop: str | None,
+    keep_crops: bool,
+    engine: Engine,
+) -> tuple[list[Row], list[dict]] | None:
+    """:func:`predict` over chunks of ``files`` shared out by Lightning's prediction loop among ``engine``'s
+    processes, each file in exactly one chunk; on rank 0 the rows and skipped files in the order one process
+    gives them, None on the others."""
+    from ferlab.training.sharded import map_sharded  # Lightning only where a prediction is distributed
+
+    def work(indices: list[int]) -> tuple[list[Row], list[dict]]:
+        return predict(models, [files[i] for i in indices], labels, all_faces, face_crop, keep_crops)
+
+    chunks = map_sharded(len(files), work, engine)
+    if chunks is None:
+        return None
+    order = {f: i for i, f in enumerate(files)}
+    rows = sorted((r for _, (rs, _) in chunks for r in rs), key=lambda r: (order[r.file], r.face))
+    # a file's entries stay in model order (one chunk holds each file; the sort is stable)
+    skipped = sorted((s for _, (_, sk) in chunks for s in sk), key=lambda s: order[Path(s["file"])])
+    return rows, skipped
 
 
 class RowTable:
@@ -337,9 +369,11 @@ def run_predict(
     face_crop: str | None = None,
     explain: str | None = None,
     cache: bool = True,
-) -> Prediction:
+    engine: Engine | None = None,
+) -> Prediction | None:
     """Predict ``inputs`` with every model and write the CSV, the skipped files, the grids (and explanations)
-    into ``out``; every mistake is refused before anything is written."""
+    into ``out``; every mistake is refused before anything is written. With a distributed ``engine`` the inputs
+    are shared out among its processes and rank 0 writes everything (the other ranks return None)."""
     models = load_models(checkpoints, cache)
     if explain:  # refused before anything is read or written
         for m in models:
@@ -348,7 +382,14 @@ def run_predict(
         print(f"ferlab: warning: {w}", file=sys.stderr)
     files = expand_inputs(inputs)
     known = known_labels(labels, models) if labels else None
-    rows, skipped = predict(models, files, known, all_faces, face_crop, keep_crops=explain is not None)
+    keep = explain is not None
+    if engine is not None and is_distributed(engine):
+        shared = predict_sharded(models, files, known, all_faces, face_crop, keep, engine)
+        if shared is None:
+            return None
+        rows, skipped = shared
+    else:
+        rows, skipped = predict(models, files, known, all_faces, face_crop, keep_crops=keep)
     if known is not None:
         warn_unlabelled(rows, labels)
     if not any(r.preds for r in rows):

@@ -176,6 +176,14 @@ class StudyConfig:
     )
 
 
+def is_distributed(cfg: Any) -> bool:
+    """Whether Lightning arguments (``devices``, ``num_nodes``, ``strategy`` of a TrainConfig or anything shaped
+    like one) ask for more than one process."""
+    devices = str(cfg.devices)
+    many = (devices.isdigit() and int(devices) > 1) or "," in devices or devices == "-1"
+    return many or cfg.num_nodes > 1 or cfg.strategy.startswith(("ddp", "fsdp", "deepspeed"))
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
 import signal
@@ -41,7 +40,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from ferlab.core.config import TrainConfig
+from ferlab.core.config import TrainConfig, is_distributed
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import atomic
 from ferlab.data.datasets import Data
@@ -51,15 +50,6 @@ from ferlab.training.memory import keep_freed_memory
 from ferlab.training.precision import choose
 from ferlab.training.tracking import log_epoch
 
-for _name in (
-    "lightning.pytorch.utilities.rank_zero",
-    "lightning.pytorch.accelerators.cuda",
-    "lightning.fabric.utilities.seed",
-):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
-warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen part, on purpose
 warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
 
 
@@ -416,12 +406,6 @@ class EveryItemOnce(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:  # the order never changes
         pass
-
-
-def is_distributed(cfg: TrainConfig) -> bool:
-    devices = str(cfg.devices)
-    many = (devices.isdigit() and int(devices) > 1) or "," in devices or devices == "-1"
-    return many or cfg.num_nodes > 1 or cfg.strategy.startswith(("ddp", "fsdp", "deepspeed"))
 
 
 def is_rank_zero() -> bool:
