@@ -398,12 +398,18 @@ def run_predict(
             f"None of the {len(files)} inputs could be predicted (first: {first['file']}: {first['reason']})."
         )
     grids = write_outputs(rows, skipped, models, out, explain)
+    unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
+    return Prediction(rows, skipped, models, grids, scores(rows, models), unusual)
+
+
+def scores(rows: list[Row], models: list[Model]) -> dict[str, tuple[int, int]]:
+    """(right, labelled) per model; a label names the image, so it scores the image's largest face (face 0), as
+    evaluate does."""
     accuracy = {}
-    for m in models:  # a label names the image, so it scores the image's largest face (face 0), as evaluate does
+    for m in models:
         scored = [r for r in rows if r.true and r.face == 0 and m.label in r.preds]
         accuracy[m.label] = (sum(same_class(r.preds[m.label][0][0], r.true) for r in scored), len(scored))
-    unusual = {m.label: sum(m.label in r.unusual for r in rows) for m in models}
-    return Prediction(rows, skipped, models, grids, accuracy, unusual)
+    return accuracy
 
 
 def known_labels(path: str, models: list[Model]) -> dict[str, str]:
