@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,22 @@ def test_two_processes_predict_every_input_once_into_the_single_process_csv(tmp_
         "broken.png",
         "loop.png",
     ]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_every_image_once_as_one_process_does(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=10)
+    r = train_tiny(data, tmp_path / "o", epochs=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (data / "circle" / "broken.png").write_bytes(b"not an image")
+    ckpt = next((tmp_path / "o").rglob("model.ckpt"))
+    one = run_cli("evaluate", str(ckpt), str(data), "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    ddp = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    two = run_cli("evaluate", str(ckpt), str(data), *ddp, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in two.stderr and two.stdout.count("accuracy") == 1  # rank 0 alone reports
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("one", "two"))
+    assert (b["n"], b["correct"], b["confusion"]) == (a["n"], a["correct"], a["confusion"]) and a["n"] == 30
+    for name in ("confusion_matrix.csv", "skipped_files.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

@@ -128,8 +128,9 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_tables(tmp_pat
 def test_a_runs_config_reruns_it_to_identical_tables(tmp_path):
     data = make_tree(tmp_path / "d", per_class=10)
     r = run_cli(
-        "run", str(data), "--models", "regularized-cnn", *TINY, "--max-epochs", "2", "--out", str(tmp_path / "a")
-    )
+        "run", str(data), "--models", "regularized-cnn", *TINY, "--max-epochs", "2", "--precision", "32",
+        "--out", str(tmp_path / "a"),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     first = only_run(tmp_path / "a")
     cfg = yaml.safe_load((first / "config.yaml").read_text())

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ferlab.core.config import (
     DataConfig,
@@ -33,6 +34,9 @@ from ferlab.core.errors import FerlabError
 from ferlab.core.files import plural
 from ferlab.core.version import __version__
 from ferlab.data import demo
+
+if TYPE_CHECKING:
+    from ferlab.training.sharded import Engine
 
 
 def _study_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -102,6 +106,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="CSV of per-class votes (as train --labels takes): score against each image's majority and report "
         "the vote-weighted accuracy too",
     )
+    _scale_flags(ev, "evaluation at scale")
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,13 +146,35 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         "--smooth", type=float, help="videos: smooth each face's probabilities over this many seconds (default 0.5)"
     )
     pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
-    scale = pr.add_argument_group(
-        "prediction at scale (images): the inputs shared out by Lightning's prediction loop, each predicted once"
-    )
+    _scale_flags(pr, "prediction at scale (images)")
+
+
+def _scale_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    scale = parser.add_argument_group(f"{what}: the inputs shared out by Lightning's prediction loop, each one once")
     scale.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"))
     scale.add_argument("--devices", default="auto", help="processes per node: devices (e.g. 2, 4 or auto)")
     scale.add_argument("--num-nodes", type=int, default=1, help="nodes (Lightning's num_nodes)")
     scale.add_argument("--strategy", default="auto", help="Lightning's strategy, e.g. ddp (gloo on CPUs)")
+
+
+def _out_dir(args: argparse.Namespace, kind: str) -> Path:
+    """--out, or a new runs/<timestamp>-<kind>; the processes Lightning starts for a distributed command inherit
+    the first one's folder."""
+    var = f"FERLAB_{kind.upper()}_DIR"
+    inherited = os.environ.get(var) if is_distributed(args) else None
+    out = Path(args.out or inherited or new_output_dir(kind))
+    if is_distributed(args):
+        os.environ[var] = str(out)
+    return out
+
+
+def _engine(args: argparse.Namespace) -> Engine | None:
+    """The Lightning engine the scale flags ask for, or None for one process."""
+    if not is_distributed(args):
+        return None
+    from ferlab.training.sharded import Engine
+
+    return Engine(args.accelerator, args.devices, args.num_nodes, args.strategy)
 
 
 def _summary_parser(sub: argparse._SubParsersAction) -> None:
@@ -339,8 +366,12 @@ def _info(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from ferlab.apps.evaluate import evaluate_model
 
-    out = Path(args.out or new_output_dir("evaluate"))
-    m = evaluate_model(args.checkpoint, args.data, out, args.class_map, args.drop_classes, args.labels)
+    out = _out_dir(args, "evaluate")
+    m = evaluate_model(
+        args.checkpoint, args.data, out, args.class_map, args.drop_classes, args.labels, engine=_engine(args)
+    )
+    if m is None:  # another rank of a distributed evaluation: rank 0 writes and reports
+        return 0
     for note in m["notes"]:
         print(f"ferlab: {note}", file=sys.stderr)
     for w in m["warnings"]:
@@ -367,10 +398,7 @@ def _report(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from ferlab.apps.video import is_video
 
-    inherited = os.environ.get("FERLAB_PREDICT_DIR") if is_distributed(args) else None
-    out = Path(args.out or inherited or new_output_dir("predict"))
-    if is_distributed(args):  # the processes Lightning starts for the prediction inherit this one's folder
-        os.environ["FERLAB_PREDICT_DIR"] = str(out)
+    out = _out_dir(args, "predict")
     videos = [i for i in args.inputs if is_video(i)]
     if videos:
         return _predict_video(args, videos[0], out)
@@ -411,11 +439,7 @@ def _predict_images(args: argparse.Namespace, out: Path) -> int:
     used = [f for f, v in video_only if v is not None]
     if used:
         raise FerlabError(f"{', '.join(used)}: for videos only, and none of the inputs is a video.")
-    engine = None
-    if is_distributed(args):
-        from ferlab.training.sharded import Engine
-
-        engine = Engine(args.accelerator, args.devices, args.num_nodes, args.strategy)
+    engine = _engine(args)
     p = run_predict(
         args.checkpoint or [],
         args.inputs,

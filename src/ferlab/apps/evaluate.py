@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ferlab.core.config import is_distributed
 from ferlab.core.errors import FerlabError
 from ferlab.core.files import write_csv
 from ferlab.core.names import canonical
 from ferlab.core.stats import wilson
 from ferlab.data.datasets import check_drop, check_vote_drop, empty_note, relabel, scan
 from ferlab.data.votes import Votes, read_votes
-from ferlab.inference.model import Model, calibrated, load_model
+from ferlab.inference.model import Face, Model, calibrated, load_model
 from ferlab.reporting.metrics import expected_calibration_error, overlapping, score_and_record
+
+if TYPE_CHECKING:
+    from ferlab.training.sharded import Engine
 
 
 def parse_class_map(text: str | None) -> dict[str, str]:
@@ -73,10 +78,12 @@ def labelled(
     class_map: str | None = None,
     drop: list[str] | None = None,
     votes: Votes | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[str]]:
+    engine: Engine | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict], list[str]] | None:
     """A folder-per-class tree classified through the inference path as ``model``'s card prescribes, its classes
     (the folders', or with ``votes`` each image's majority) mapped onto the model's: the logits, the labels, the
-    files, the skipped files with reasons, and what was mapped."""
+    files, the skipped files with reasons, and what was mapped. With a distributed ``engine`` the files are
+    shared out among its processes; rank 0 gets the answer, the others None."""
     drop = list(drop or [])
     root = Path(os.path.abspath(Path(folder).expanduser()))
     unvoted: list[tuple[str, str]] = []
@@ -91,7 +98,10 @@ def labelled(
         if not records:
             raise FerlabError(f"No image of {folder} has an emotion majority in the votes file {votes.path}.")
     mapping, mapped = map_classes(sorted({r.cls for r in records}), model.classes, parse_class_map(class_map), drop)
-    faces, reasons = model.classify_files([r.file for r in records])
+    classified = classify_all(model, [r.file for r in records], engine)
+    if classified is None:  # another rank of a distributed evaluation
+        return None
+    faces, reasons = classified
     keep = [(r, f) for r, f in zip(records, faces) if f is not None]
     skipped = [{"file": f, "reason": why} for f, why in unvoted]
     skipped += [{"file": r.file, "reason": why} for r, why in zip(records, reasons) if why]
@@ -102,6 +112,30 @@ def labelled(
     return logits, y, [r.file for r, _ in keep], skipped, mapped
 
 
+def classify_all(model: Model, files: list[str], engine: Engine | None) -> tuple[list[Face | None], list[str]] | None:
+    """``model.classify_files(files)``, in one process or shared out among ``engine``'s (None on ranks but 0)."""
+    if engine is None or not is_distributed(engine):
+        return model.classify_files(files)
+    from ferlab.training.sharded import map_sharded  # Lightning only where an evaluation is distributed
+
+    def work(indices: list[int]) -> tuple[list[Face | None], list[str]]:
+        faces, reasons = model.classify_files([files[i] for i in indices])
+        for f in faces:
+            if f is not None:
+                f.crop = None  # what goes between processes: logits, not pictures
+        return faces, reasons
+
+    chunks = map_sharded(len(files), work, engine)
+    if chunks is None:
+        return None
+    faces: list[Face | None] = [None] * len(files)
+    reasons = [""] * len(files)
+    for indices, (got, why) in chunks:
+        for i, f, r in zip(indices, got, why):
+            faces[i], reasons[i] = f, r
+    return faces, reasons
+
+
 def evaluate_model(
     checkpoint: str | Path,
     folder: str | Path,
@@ -109,7 +143,8 @@ def evaluate_model(
     class_map: str | None = None,
     drop_classes: list[str] | None = None,
     labels: str | Path | None = None,
-) -> dict:
+    engine: Engine | None = None,
+) -> dict | None:
     """Metrics of a saved model (a .ckpt, an .onnx or a shipped model's name) on a folder-per-class tree,
     written into ``out``; mapped and dropped classes, baselines and any overlap with the model's own training
     images are in the returned dict's ``notes``. With ``labels`` (a votes file, as ``ferlab train --labels``
@@ -119,7 +154,10 @@ def evaluate_model(
     classes = model.classes
     drop = list(drop_classes or [])
     votes = read_votes(labels, Path(os.path.abspath(Path(folder).expanduser()))) if labels else None
-    logits, y, files, skipped, mapped = labelled(model, folder, class_map, drop, votes)
+    scored = labelled(model, folder, class_map, drop, votes, engine)
+    if scored is None:  # another rank of a distributed evaluation: rank 0 writes and reports
+        return None
+    logits, y, files, skipped, mapped = scored
     probs = calibrated(logits, model.temperature)
     extra = {}
     if votes is not None:
