@@ -77,7 +77,7 @@ def test_folds_3_through_the_cli_and_identical_summaries_with_one_seed(tmp_path)
     data = make_tree(tmp_path / "d", per_class=18, groups=9)
     args = [
         "run", str(data), "--group-by", r"^(G\d+)_", "--folds", "3", "--seeds", "0", "1",
-        "--models", "regularized-cnn", "vgg-small", "--image-size", "24", "--max-epochs", "3", "--no-progress",
+        "--models", "regularized-cnn", "vgg-small", "--image-size", "24", "--max-epochs", "2", "--no-progress",
         "--precision", "32",  # identical reruns are about seeds; auto may measure the arithmetic differently
     ]  # fmt: skip
     runs = []
@@ -104,7 +104,7 @@ def test_folds_3_through_the_cli_and_identical_summaries_with_one_seed(tmp_path)
     assert cv["groups"] == 9 and len(cv["per_fold"]["vgg-small"]) == 3
     # a finished fold is never recomputed: resuming a finished run is refused, and a run that lost its last
     # fold computes only that one, to the same summary
-    r = run_cli("run", "--resume", str(a))
+    r = cli("run", "--resume", str(a))
     assert r.returncode == 2 and "finished already" in r.stderr
     import shutil
 

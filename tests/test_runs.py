@@ -111,7 +111,7 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_tables(tmp_pat
     manifest = (run / "manifest.csv").read_bytes()
     extra = data / "circle" / "late.png"
     extra.write_bytes(next((data / "circle").iterdir()).read_bytes())
-    r = run_cli("run", "--resume", str(run))  # the data changed under the run: its tables would mix two splits
+    r = cli("run", "--resume", str(run))  # the data changed under the run: its tables would mix two splits
     assert r.returncode == 2 and f"The data is not what {run} was split from: 1 new (first: {extra})" in r.stderr
     assert (run / "manifest.csv").read_bytes() == manifest and "Traceback" not in r.stderr
     extra.unlink()
@@ -135,7 +135,7 @@ def test_a_runs_config_reruns_it_to_identical_tables(tmp_path):
     first = only_run(tmp_path / "a")
     cfg = yaml.safe_load((first / "config.yaml").read_text())
     assert cfg["models"] == ["regularized-cnn"] and "dataset" not in cfg
-    r = run_cli("run", "--config", str(first / "config.yaml"), "--out", str(tmp_path / "b"))
+    r = cli("run", "--config", str(first / "config.yaml"), "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert _tables(first) == _tables(only_run(tmp_path / "b"))
 
