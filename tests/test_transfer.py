@@ -15,6 +15,7 @@ from ferlab.core.errors import FerlabError
 from ferlab.data.datasets import load_data
 from ferlab.inference.model import run_batches
 from ferlab.models.registry import create_model
+from ferlab.training.features import FrozenMemo
 from ferlab.training.fit import fit_model
 
 from .conftest import make_tree
@@ -156,6 +157,35 @@ def test_feature_cache_trains_the_same_model_as_the_full_forward(tiny_data, fine
     torch.testing.assert_close(logits[0], run_batches(net, tiny_data.splits["train"].images), atol=1e-4, rtol=1e-4)
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], atol=2e-5, rtol=1e-4)
+
+
+def test_frozen_outputs_are_computed_once_per_image_across_fits():
+    """The folds of a cross-validation share each image's frozen-layer output: only unseen images run, and a
+    change of weights or precision runs them again."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.seen = torch.nn.Conv2d(3, 4, 3), 0
+
+        def forward(self, x):
+            self.seen += len(x)
+            return self.conv(x.float())
+
+    memo, net, cpu = FrozenMemo(), Counting(), torch.device("cpu")
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    memo.outputs(net, images[:6], "32", cpu)
+    assert net.seen == 6
+    later = memo.outputs(net, torch.cat([images[3:], images[3:4]]), "32", cpu)  # 4 new images, one twice
+    assert net.seen == 10 and later.shape == (8, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(later, net.conv(torch.cat([images[3:], images[3:4]]).float()))
+    memo.outputs(net, images[:2], "bf16-mixed", cpu)
+    assert net.seen == 12
+    with torch.no_grad():
+        net.conv.bias += 1
+    assert torch.equal(memo.outputs(net, images[:1], "32", cpu), net.conv(images[:1].float()).detach())
+    assert net.seen == 13
 
 
 @pytest.mark.parametrize("layers,trained", [(1, {"28"}), (3, {"24", "26", "28"})])

@@ -46,6 +46,7 @@ from ferlab.core.files import atomic
 from ferlab.data.datasets import Data
 from ferlab.inference.model import run_batches
 from ferlab.models.registry import EMOTION_TRANSFER, REGISTRY, Net
+from ferlab.training.features import Features
 from ferlab.training.memory import keep_freed_memory
 from ferlab.training.precision import choose
 from ferlab.training.tracking import log_epoch
@@ -350,20 +351,6 @@ class FitResult:
     train_logits: torch.Tensor | None = None
 
 
-def _device(accelerator: str) -> torch.device:
-    """Where the Trainer will put this process's model: its CUDA device when asked for or available (under
-    multi-GPU DDP each process is started with its ``LOCAL_RANK``), else the CPU."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def _autocast(device: torch.device, precision: str):
-    """The Trainer's mixed precision, for the frozen pass that runs outside it."""
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _loader(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -431,16 +418,6 @@ def _stages(name: str, cfg: TrainConfig) -> list[tuple[int | None, float, bool]]
     return stages
 
 
-def _cache_fits(module: nn.Module, x: torch.Tensor, share: float = 0.25) -> bool:
-    """Whether ``module``'s output for all of ``x`` fits in ``share`` of this machine's memory."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return True
-    per_image = run_batches(module, x[:1]).numel() * 4 if len(x) else 0
-    return per_image * len(x) <= share * ram
-
-
 def fit_model(
     name: str, net: Net, data: Data, cfg: TrainConfig, state_dir: Path | None = None, logger: Logger | None = None
 ) -> FitResult:
@@ -504,53 +481,6 @@ def _resume(state_dir: Path | None, result: FitResult, keep: KeepBest, net: Net)
         keep.load_state_dict(torch.load(state_dir / saved["best"], map_location="cpu", weights_only=True))
         net.load_state_dict(keep.state)
     return saved["stages_done"]
-
-
-@dataclass
-class Features:
-    """The frozen prefix's output over the train and val splits, computed once per fit (None: nothing cached)."""
-
-    shared: dict[str, torch.Tensor] | None
-    cut: int
-    device: torch.device
-    precision: str
-
-    @classmethod
-    def of(
-        cls,
-        name: str,
-        net: Net,
-        data: Data,
-        stages: list[tuple[int | None, float, bool]],
-        cached: list[bool],
-        cfg: TrainConfig,
-        precision: str,
-    ) -> Features:
-        device = _device(cfg.accelerator)
-        cut = min((net.cut(u) for (u, _, _), c in zip(stages, cached) if c), default=0)
-        train, val = data.splits["train"], data.splits["val"]
-        if not cut:
-            return cls(None, 0, device, precision)
-        prefix = net.part(None, cut)
-        if not _cache_fits(prefix, train.images):
-            print(
-                f"ferlab: {name}: the frozen layers' output for {len(train)} images would not fit in a quarter "
-                "of this machine's memory; running them every step instead (slower, same result).",
-                file=sys.stderr,
-            )
-            return cls(None, 0, device, precision)
-        with _autocast(device, precision):
-            prefix.to(device)
-            shared = {"train": run_batches(prefix, train.images), "val": run_batches(prefix, val.images)}
-        return cls(shared, cut, device, precision)
-
-    def inputs(self, net: Net, units: int | None, data: Data) -> dict[str, torch.Tensor] | None:
-        """A stage's training inputs from the shared output: the frozen layers it adds run once more here."""
-        if self.shared is None:
-            return None
-        between = net.part(self.cut, net.cut(units)).to(self.device)
-        with _autocast(self.device, self.precision):
-            return {s: run_batches(between, x) if len(between) else x for s, x in self.shared.items()}
 
 
 def _fit_stage(
