@@ -13,6 +13,11 @@ latency of predicting one image and the throughput of 256-image batches, the tra
 against this machine's measured matmul FLOP/s (fp32 and bf16), and peak resident memory. With
 ``--keras-python`` it runs ../shared/peers/keras_study.py on the same split in that interpreter and prints
 ferlab/Keras ratios; with ``--full-run`` it times the whole ``ferlab run`` (three models, tables, report).
+With ``--precision auto`` (the default) on a CPU with native bf16, each model trains in fp32 and in bf16 mixed
+precision, each in its own process, and ``--precision auto``'s probe runs fresh (uncached) beside them: a table
+prints the probe's fp32/bf16 step ratio beside the epochs' ratio (the goal: within 25%), and the other tables
+take the precision the probe picks, as a first run on the machine would. ``--models all`` takes every
+registry model.
 Where CUDA is available everything runs there (``--precision auto``: mixed precision), matmul FLOP/s is the
 GPU's, and peak GPU memory is reported beside the process's peak RSS.
 """
@@ -38,6 +43,10 @@ from machine import LoadMeter  # noqa: E402
 
 KERAS_STUDY = HERE.parent.parent / "shared" / "peers" / "keras_study.py"
 VGG_WEIGHTS = HERE.parent.parent / "shared" / "weights" / "vgg16_imagenet_features.pth"
+WEIGHTS = {
+    "vgg16-transfer": VGG_WEIGHTS,
+    "mobilenetv2-transfer": HERE.parent.parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth",
+}
 KERAS_NAMES = {"baseline-cnn": "m1", "regularized-cnn": "m2", "vgg16-transfer": "vgg"}
 
 
@@ -78,21 +87,34 @@ def train_flops_per_image(net: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 8
 
 
+def build(name: str, data, cfg) -> torch.nn.Module:
+    """A registry model as the study builds it, with the shared folder's ImageNet weights for transfer models."""
+    from ferlab.apps.study import build_from_source
+    from ferlab.core.config import StudyConfig
+    from ferlab.models.registry import EMOTION_TRANSFER, create_model
+
+    if name == EMOTION_TRANSFER:  # from the shipped model, with its classes' head rows
+        return build_from_source(data, StudyConfig(train=cfg))
+    weights = WEIGHTS.get(name)
+    if weights is not None and not weights.is_file():
+        sys.exit(f"{name} needs {weights}")
+    return create_model(name, len(data.classes), data.pre.image_size, str(weights or "none"), cfg.backbone_size)
+
+
 def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
     """Runs inside a child process: everything measured for one model."""
     from ferlab.core.config import DataConfig, TrainConfig
     from ferlab.data.datasets import load_data
     from ferlab.inference.model import run_batches
-    from ferlab.models.registry import REGISTRY, create_model
+    from ferlab.models.registry import REGISTRY
     from ferlab.training.fit import fit_model
 
     data = load_data(DataConfig(data=split))
     transfer = REGISTRY[name].transfer
-    weights = str(VGG_WEIGHTS) if transfer else "none"
     # the study's own recipe: transfer models at the default backbone size, both stages
     cfg = TrainConfig(max_epochs=epochs, patience=10**6, progress=False, precision=precision)
     torch.manual_seed(0)
-    net = create_model(name, len(data.classes), data.pre.image_size, weights, cfg.backbone_size)
+    net = build(name, data, cfg)
     t = time.perf_counter()
     fit = fit_model(name, net, data, cfg)
     total = time.perf_counter() - t
@@ -113,7 +135,7 @@ def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
         out["stage1_epoch_s"] = statistics.median(e["seconds"] for e in fit.epochs if e["stage"] == 1)
         # stage 1 without the cache (the backbone runs every step), for the speed-up
         torch.manual_seed(0)
-        slow = create_model(name, len(data.classes), data.pre.image_size, weights, cfg.backbone_size)
+        slow = build(name, data, cfg)
         nocache = fit_model(
             name,
             slow,
@@ -146,6 +168,54 @@ def one_model(name: str, split: str, epochs: int, precision: str) -> dict:
     return out
 
 
+def probe(name: str, split: str) -> dict:
+    """Runs inside a child process: what ``--precision auto`` measures on a first run, uncached."""
+    from ferlab.core.config import DataConfig, TrainConfig
+    from ferlab.data.datasets import load_data
+    from ferlab.training.precision import measure
+
+    data = load_data(DataConfig(data=split))
+    choice = measure(name, len(data.classes), data.pre.image_size, TrainConfig().batch_size)
+    return {**choice.__dict__, "note": choice.message(name).removeprefix("ferlab: ")}
+
+
+def child(a: argparse.Namespace, name: str, precision: str | None, env: dict) -> dict:
+    """One model's measurement in a fresh process: its epochs in ``precision``, or (None) auto's probe."""
+    what = ["--probe", name] if precision is None else ["--one", name, "--epochs", str(a.epochs)]
+    r = subprocess.run(
+        [sys.executable, __file__, a.split, *what, "--precision", precision or "auto"], capture_output=True, text=True
+    )
+    if r.returncode:
+        sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    if precision is None:
+        print(f"{name}: probe {row['speedup']:.2f}x ({row['low']:.2f}-{row['high']:.2f})", flush=True)
+        return row
+    if row.get("achieved_train_gflops") is not None:
+        row["fp32_peak_share"] = row["achieved_train_gflops"] / env["matmul_gflops_fp32"]
+    print(f"{name}: {row['epoch_s_median']:.2f} s/epoch in {precision}", flush=True)
+    return row
+
+
+def probe_row(name: str, pick: dict, measured: dict[str, dict]) -> dict:
+    """The probe's fp32/bf16 step ratio beside the epochs' ratio; within 25% is the goal."""
+    epochs = measured["32"]["epoch_s_median"] / measured["bf16-mixed"]["epoch_s_median"]
+    return {
+        "model": name,
+        "probe_fp32_ms": pick["fp32_ms"],
+        "probe_bf16_ms": pick["bf16_ms"],
+        "probe_ratio": pick["speedup"],
+        "probe_interval": f"{pick['low']:.2f}-{pick['high']:.2f}",
+        "epoch_fp32_s": measured["32"]["epoch_s_median"],
+        "epoch_bf16_s": measured["bf16-mixed"]["epoch_s_median"],
+        "epoch_ratio": epochs,
+        "probe_over_epoch": pick["speedup"] / epochs,
+        "within_25%": "yes" if abs(pick["speedup"] / epochs - 1) <= 0.25 else "NO",
+        "auto_picks": pick["precision"],
+        "best": "bf16-mixed" if epochs >= 1 else "32",
+    }
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         return "-" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v)
@@ -161,17 +231,31 @@ def table(rows: list[dict], cols: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("split")
-    ap.add_argument("--models", nargs="+", default=["baseline-cnn", "regularized-cnn", "vgg16-transfer"])
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["baseline-cnn", "regularized-cnn", "vgg16-transfer"],
+        help="registry models, or 'all' (the study's three by default)",
+    )
     ap.add_argument("--epochs", type=int, default=3, help="timed training epochs per model")
-    ap.add_argument("--precision", default="auto")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        help="auto: on a CPU with native bf16, every model trains in fp32 and in bf16 beside auto's probe, and the "
+        "tables take the precision the probe picks; 32, bf16-mixed: that precision only",
+    )
     ap.add_argument("--keras-python", help="python of a venv with tensorflow-cpu (see keras_study.py)")
     ap.add_argument("--keras-epochs", type=int, default=3)
     ap.add_argument("--full-run", action="store_true", help="also time the whole `ferlab run` on the split")
     ap.add_argument("--json", default="benchmark.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one_model(a.one, a.split, a.epochs, a.precision)))
+        return
+    if a.probe:
+        print(json.dumps(probe(a.probe, a.split)))
         return
 
     from ferlab.training.precision import fingerprint
@@ -192,20 +276,22 @@ def main() -> None:
         f"bf16 {env['matmul_gflops_bf16']:.0f} GFLOP/s ({env['device']}, {env['threads']} CPU threads)",
         flush=True,
     )
-    rows = []
+    from ferlab.models.registry import REGISTRY
+    from ferlab.training.precision import native_bf16
+
+    if a.models == ["all"]:
+        a.models = list(REGISTRY)
+
+    both = a.precision == "auto" and DEVICE.type == "cpu" and native_bf16()
+    rows, probes = [], []
     for name in a.models:
-        r = subprocess.run(
-            [sys.executable, __file__, a.split, "--one", name, "--epochs", str(a.epochs), "--precision", a.precision],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode:
-            sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
-        row = json.loads(r.stdout.strip().splitlines()[-1])
-        if row.get("achieved_train_gflops") is not None:
-            row["fp32_peak_share"] = row["achieved_train_gflops"] / env["matmul_gflops_fp32"]
-        rows.append(row)
-        print(f"{name}: {row['epoch_s_median']:.2f} s/epoch", flush=True)
+        if not both:
+            rows.append(child(a, name, a.precision, env))
+            continue
+        measured = {p: child(a, name, p, env) for p in ("32", "bf16-mixed")}
+        pick = child(a, name, None, env)  # auto's probe, as a first run on this machine measures it
+        probes.append(probe_row(name, pick, measured))
+        rows.append({**measured[pick["precision"]], "precision_note": pick["note"]})
 
     keras = {}
     if a.keras_python:
@@ -262,6 +348,9 @@ def main() -> None:
     print(f"machine: {env['machine']}")
     for row in rows:
         print(f"{row['model']}: {row['precision_note']}")
+    if probes:
+        print("\n--precision auto's probe against the epochs it predicts (fp32 time / bf16 time):")
+        print(table(probes, list(probes[0])))
     cols = [
         "model",
         "precision",
@@ -287,7 +376,8 @@ def main() -> None:
         print(full["table"])
     env["load"] = meter.measure()
     print(meter.verdict())
-    Path(a.json).write_text(json.dumps({"env": env, "models": rows, "keras": keras, "full_run": full}, indent=1))
+    record = {"env": env, "models": rows, "probes": probes, "keras": keras, "full_run": full}
+    Path(a.json).write_text(json.dumps(record, indent=1))
     print(f"\nwrote {a.json}")
 
 

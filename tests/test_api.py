@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import ferlab
@@ -238,6 +239,23 @@ def test_rounds_that_disagree_give_fp32_and_nothing_cached(tmp_path, monkeypatch
     assert not (tmp_path / "precision.json").exists()
 
 
+def test_a_recorded_precision_is_trained_with_the_measurement_behind_it_when_this_machine_has_it(tmp_path, monkeypatch):
+    """A run's config.yaml records auto's decision per model; a re-run trains that arithmetic, whatever this
+    machine would measure now."""
+    monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "time_steps", lambda net, size, batch: ([0.3] * 3, [0.1] * 3))
+    assert precision.choose("regularized-cnn", 3, 32, 16).precision == "bf16-mixed"  # measured and cached
+    monkeypatch.setattr(precision, "time_steps", lambda *a: pytest.fail("a recorded precision was measured again"))
+    same = precision.choose("regularized-cnn", 3, 32, 16, recorded="bf16-mixed")
+    assert same.cached and "bf16 mixed precision 3.0x faster" in same.message("regularized-cnn")
+    other = precision.choose("regularized-cnn", 3, 32, 16, recorded="32")
+    assert (other.precision, other.measured) == ("32", "recorded")
+    assert other.message("m") == (
+        "ferlab: precision 32 for m, as decided before training (train.precision_by_model in the run's config.yaml)"
+    )
+
+
 def test_the_speedup_interval_is_the_rounds_range_then_drops_the_extremes():
     assert precision.interval([1.3, 0.9, 1.2]) == (0.9, 1.3)
     assert precision.interval([1.5, 0.2, 1.4, 1.3, 1.2, 1.3, 1.4, 9.0, 1.25]) == (1.2, 1.5)
@@ -277,6 +295,10 @@ def test_the_chosen_precision_lands_in_the_run_and_the_checkpoint(tmp_path):
     card = inference.load_model(run / "regularized-cnn" / "model.ckpt").card
     assert card["training"]["precision"] in ("32", "bf16-mixed") and card["training"]["precision_note"] == chosen
     assert card["training"]["precision"] in chosen and card["training"]["config"]["precision"] == "auto"
+    # the run's config records the arithmetic auto chose, so re-running it trains the same
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["precision_by_model"] == {"regularized-cnn": card["training"]["precision"]}
+    assert card["training"]["config"]["precision_by_model"] == config["train"]["precision_by_model"]
 
 
 def test_summary_takes_a_checkpoint_as_well_as_a_name(tiny_model):

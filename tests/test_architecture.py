@@ -59,7 +59,7 @@ def test_inference_never_loads_lightning():
     import sys
 
     code = (
-        "import sys, ferlab.apps.serve, ferlab.apps.predict, ferlab.apps.api, ferlab.apps.video;"
+        "import sys, ferlab.apps.serve, ferlab.apps.predict, ferlab.apps.api, ferlab.apps.video, ferlab.apps.videos;"
         "print(sorted(m for m in sys.modules if m.startswith(('lightning', 'ferlab.training'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

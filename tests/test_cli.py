@@ -190,6 +190,8 @@ def _one_error_line(r, message: str) -> None:
             "occlusion.",
         ),
         ("video-option-on-images", "--every, --smooth: for videos only, and none of the inputs is a video."),
+        ("images-and-videos", "The inputs hold images ({tmp}/d/a/a_000.png) and videos ({tmp}/v.mp4); predict them"),
+        ("one-video-sharded", "--devices/--num-nodes/--strategy share videos out, one per process: pass several"),
         (
             "export-data-alone",
             "--data, --class-map and --drop-classes measure what --quantize int8 costs; give it too.",
@@ -224,6 +226,11 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, case, message):
     elif case == "video-option-on-images":  # was silently ignored
         d = make_tree(tmp_path / "d", per_class=1)
         r = cli("predict", str(d), "--every", "5", "--smooth", "0", "--out", str(out))
+    elif case in ("images-and-videos", "one-video-sharded"):
+        (tmp_path / "v.mp4").write_bytes(b"\0\0\0\x18ftypmp42" + bytes(64))
+        d = [str(make_tree(tmp_path / "d", classes=("a",), per_class=1))] if case == "images-and-videos" else []
+        ddp = ["--devices", "2", "--accelerator", "cpu"] if case == "one-video-sharded" else []
+        r = cli("predict", *d, str(tmp_path / "v.mp4"), *ddp, "--out", str(out))
     elif case == "export-data-alone":  # was silently ignored
         r = cli("export", "fer2013", "--drop-classes", "contempt", "--out", str(out / "f.onnx"))
     elif case == "serve-busy-port":  # said at once, before the models load and before any "serving" line
@@ -253,6 +260,12 @@ def test_config_merge_is_strict_and_typed():
         merge(StudyConfig(), {"train": {"max_epochs": "ten"}})
     with pytest.raises(FerlabError, match=r"Config key 'data.face_crop' must be one of off, auto, on"):
         merge(StudyConfig(), {"data": {"face_crop": "maybe"}})
+    recorded = merge(StudyConfig(), {"train": {"precision_by_model": {"baseline-cnn": "bf16-mixed"}}})
+    assert recorded.train.precision_by_model == {"baseline-cnn": "bf16-mixed"}
+    with pytest.raises(FerlabError, match=r"'train.precision_by_model' takes values among 32, bf16-mixed, 16-mixed"):
+        merge(StudyConfig(), {"train": {"precision_by_model": {"baseline-cnn": "bf17"}}})
+    with pytest.raises(FerlabError, match=r"'train.precision_by_model' must be a mapping of str to str, got 'bf16'"):
+        merge(StudyConfig(), {"train": {"precision_by_model": "bf16"}})
 
 
 def test_shipped_configs_load():

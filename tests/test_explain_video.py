@@ -220,6 +220,44 @@ def test_a_scene_cut_ends_every_track(ck_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_folder_of_videos_is_shared_out_one_video_per_process_into_one_summary(tmp_path, region_model):
+    """--devices 2 --strategy ddp gives each process one video at a time: every video's folder is byte for byte a
+    single process's, the summary has the same rows in the same order, and an unreadable video is reported once."""
+    ck, _ = region_model
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "videos"
+    for name, n in (("clip0.mp4", 12), ("clip1.mp4", 8), ("clip2.mp4", 10), ("sub/clip0.mp4", 6)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(folder / name, [rng.integers(0, 256, (48, 64, 3)).astype(np.uint8) for _ in range(n)])
+    (folder / "broken.mp4").write_text("no video here")
+    args = ["predict", "--checkpoint", str(ck), str(folder), "--face-crop", "off", "--every", "2"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "4 videos predicted, 1 could not be read: 18 frames classified, 18 faces in" in one.stdout, one.stdout
+    two = run_cli(*args, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in two.stderr and two.stdout.count("videos predicted") == 1  # rank 0 alone reports
+    assert two.stderr.count("holds no video stream OpenCV can read") == 1
+    rows = [read_csv(tmp_path / x / "videos_summary.csv") for x in ("one", "two")]
+    for r in rows[0] + rows[1]:
+        r.pop("seconds")
+        r["output"] = Path(r["output"]).name
+    assert rows[0] == rows[1]
+    assert [(Path(r["video"]).name, r["output"], r["frames_classified"]) for r in rows[0]] == [
+        ("broken.mp4", "", ""),
+        ("clip0.mp4", "clip0", "6"),
+        ("clip1.mp4", "clip1", "4"),
+        ("clip2.mp4", "clip2", "5"),
+        ("clip0.mp4", "clip0-2", "3"),
+    ]
+    assert "holds no video stream" in rows[0][0]["error"] and rows[0][1]["main_emotion"]
+    assert abs(sum(float(v) for k, v in rows[0][1].items() if k.startswith("share_")) - 1) < 1e-3
+    for name in ("clip0", "clip1", "clip2", "clip0-2"):
+        a, b = (tmp_path / x / name / "video_frames.csv" for x in ("one", "two"))
+        assert a.read_bytes() == b.read_bytes(), name
+
+
+@pytest.mark.slow
 def test_truncated_empty_and_non_videos(tmp_path, region_model):
     ck, _ = region_model
     frames = [np.full((120, 160, 3), 8 * i, np.uint8) for i in range(30)]

@@ -117,7 +117,13 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         help="a model.ckpt, an exported .onnx, a run folder (all its models) or a shipped model's name; repeat "
         "for more models (default: the shipped ferplus model)",
     )
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    pr.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders or glob patterns; or a video, or several videos or folders of them (one output "
+        "folder per video and videos_summary.csv)",
+    )
     pr.add_argument("--labels", help="CSV of filename,label giving the correct classes")
     pr.add_argument(
         "--largest-face", action="store_true", help="one row per image (its largest face) instead of one per face"
@@ -146,7 +152,7 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         "--smooth", type=float, help="videos: smooth each face's probabilities over this many seconds (default 0.5)"
     )
     pr.add_argument("--out", help="output folder (default: runs/<timestamp>-predict)")
-    _scale_flags(pr, "prediction at scale (images)")
+    _scale_flags(pr, "prediction at scale (images; several videos: one per process at a time)")
 
 
 def _scale_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -396,13 +402,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ferlab.apps.video import is_video
+    from ferlab.apps.videos import find_videos
 
     out = _out_dir(args, "predict")
-    videos = [i for i in args.inputs if is_video(i)]
-    if videos:
-        return _predict_video(args, videos[0], out)
-    return _predict_images(args, out)
+    videos = find_videos(args.inputs)
+    if not videos:
+        return _predict_images(args, out)
+    if len(args.inputs) == 1 and Path(args.inputs[0]).is_file():
+        return _predict_video(args, str(videos[0]), out)
+    return _predict_videos(args, videos, out)
 
 
 def _explain(args: argparse.Namespace) -> str | None:
@@ -410,24 +418,38 @@ def _explain(args: argparse.Namespace) -> str | None:
     return args.explain_method or ("gradcam" if args.explain else None)
 
 
-def _predict_video(args: argparse.Namespace, video: str, out: Path) -> int:
-    from ferlab.apps.video import run_video
-
-    if len(args.inputs) > 1:
-        raise FerlabError("Pass one video at a time (images and videos are predicted by separate commands).")
-    image_only = (
-        ("--labels", args.labels),
-        ("--largest-face", args.largest_face),
-        ("--explain", _explain(args)),
-        ("--devices/--num-nodes/--strategy", is_distributed(args)),
-    )
+def _refuse_image_options(args: argparse.Namespace, videos: str) -> None:
+    image_only = (("--labels", args.labels), ("--largest-face", args.largest_face), ("--explain", _explain(args)))
     used = [f for f, v in image_only if v]
     if used:
         them = "it" if len(used) == 1 else "them"
-        raise FerlabError(f"{', '.join(used)}: for images only; leave {them} out for the video {video}.")
+        raise FerlabError(f"{', '.join(used)}: for images only; leave {them} out for {videos}.")
+
+
+def _predict_video(args: argparse.Namespace, video: str, out: Path) -> int:
+    from ferlab.apps.video import run_video
+
+    _refuse_image_options(args, f"the video {video}")
+    if is_distributed(args):
+        raise FerlabError(
+            "--devices/--num-nodes/--strategy share videos out, one per process: pass several videos or a folder "
+            f"of them (the video {video} runs in one process)."
+        )
     smooth = 0.5 if args.smooth is None else args.smooth
     r = run_video(args.checkpoint or [], video, out, args.every, args.fps, smooth, args.face_crop)
     for line in r.lines:
+        print(f"ferlab: {line}")
+    return 0
+
+
+def _predict_videos(args: argparse.Namespace, videos: list[Path], out: Path) -> int:
+    from ferlab.apps.videos import run_videos
+
+    _refuse_image_options(args, "videos")
+    smooth = 0.5 if args.smooth is None else args.smooth
+    checkpoints = args.checkpoint or []
+    lines = run_videos(checkpoints, videos, out, args.every, args.fps, smooth, args.face_crop, _engine(args))
+    for line in lines or []:  # None: another rank of a distributed run; rank 0 reports
         print(f"ferlab: {line}")
     return 0
 

@@ -96,6 +96,8 @@ def check_config(cfg: StudyConfig, models: list[str]) -> None:
     for m in models:
         need(m in REGISTRY, f"Unknown model '{m}'; choose from: {', '.join(REGISTRY)}.")
     need(len(set(models)) == len(models), f"--models names a model twice: {' '.join(models)}.")
+    for m in t.precision_by_model:
+        need(m in REGISTRY, f"train.precision_by_model names an unknown model '{m}'; models: {', '.join(REGISTRY)}.")
     split = d.split
     need(len(split) == 3, f"--split needs three fractions (train val test), got {len(split)}.")
     need(min(split) >= 0, f"--split fractions must not be negative, got {' '.join(map(str, split))}.")
@@ -603,11 +605,7 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     plan = units(cfg)
     first = open_data(cfg, (plan[0][0], cfg.folds) if cfg.folds else None)
     left_out = leave_out_unavailable(models, first, cfg)
-    if is_distributed(cfg.train) and is_rank_zero():  # every rank must train in the precision rank 0 chooses
-        for name in models:
-            size, batch = first.pre.image_size, cfg.train.batch_size
-            choice = choose(name, len(first.classes), size, batch, cfg.train.accelerator, cfg.train.precision)
-            share(name, size, batch, choice)
+    cfg = decide_precisions(cfg, models, first)
     run_dir = place_run(cfg, models, resume)
     if is_rank_zero():
         start_run(run_dir, cfg, argv, first, unit_dir(run_dir, cfg, *plan[0]))
@@ -629,6 +627,26 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     set_status(run_dir, "finished", wall_seconds=round(time.perf_counter() - t0, 2))
     say(f"ferlab: run folder {run_dir} ({time.perf_counter() - t0:.0f} s)")
     return run_dir
+
+
+def decide_precisions(cfg: StudyConfig, models: list[str], data: Data) -> StudyConfig:
+    """Each model's arithmetic under ``--precision auto``, decided before anything trains (measured here) and
+    recorded in the config, so config.yaml trains the same arithmetic again and every fold and seed of the run trains in
+    one; every rank of a multi-process run takes rank 0's decision."""
+    size, batch, t = data.pre.image_size, cfg.train.batch_size, cfg.train
+    if t.precision != "auto":  # the config says it already
+        return cfg
+    decided = dict(t.precision_by_model)
+    for name in models:
+        if name in decided:
+            continue
+        choice = choose(name, len(data.classes), size, batch, t.accelerator, t.precision)
+        if choice.measured not in ("forced", "cuda") and not choice.cached and is_rank_zero():
+            say(choice.message(name))
+        if is_distributed(t) and is_rank_zero():
+            share(name, size, batch, choice)
+        decided[name] = choice.precision
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, precision_by_model=decided))
 
 
 def leave_out_unavailable(models: list[str], data: Data, cfg: StudyConfig) -> list[dict]:

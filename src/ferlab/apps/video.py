@@ -99,6 +99,7 @@ class VideoResult:
     tracks: int
     seconds: float
     lines: list[str]
+    labels: dict[str, int] = field(default_factory=dict)  # face-frames per (smoothed) emotion
 
 
 class Tracker:
@@ -242,9 +243,10 @@ def run_video(
     fps: float | None = None,
     smooth: float = 0.5,
     face_crop: str | None = None,
+    progress_lines: bool = True,
 ) -> VideoResult:
-    model = _one_model(checkpoints)
-    _check_options(every, fps, smooth)
+    model = one_model(checkpoints)
+    check_options(every, fps, smooth)
     cap, src_fps, expected = _open_video(path)
     step = every or (max(1, round(src_fps / fps)) if fps else 1)
     frames = _SampledFrames(cap, src_fps, step)
@@ -254,7 +256,7 @@ def run_video(
     policy = face_crop or ("off" if model.pre.face_crop == "off" and model.pre.faces == "photos" else "on")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    progress = _Progress(expected // step if expected else 0)
+    progress = _Progress(expected // step if expected else 0, progress_lines)
     # both files appear only once the whole video is done
     try:
         with atomic(out / "annotated.mp4") as video_tmp, atomic(out / "video_frames.csv") as frames_tmp:
@@ -279,17 +281,21 @@ def run_video(
             "the results cover what could be read.",
             file=sys.stderr,
         )
-    return VideoResult(frames.read, classified, faces, n_tracks, seconds, lines)
+    labels: dict[str, int] = {}
+    for t in tracker.all_tracks():
+        for label, n in t.labels.items():
+            labels[label] = labels.get(label, 0) + n
+    return VideoResult(frames.read, classified, faces, n_tracks, seconds, lines, labels)
 
 
-def _one_model(checkpoints: list[str]) -> Model:
+def one_model(checkpoints: list[str]) -> Model:
     models = load_models(checkpoints)
     if len(models) > 1:
         raise FerlabError("A video is predicted with one model at a time; pass a single --checkpoint.")
     return models[0]
 
 
-def _check_options(every: int | None, fps: float | None, smooth: float) -> None:
+def check_options(every: int | None, fps: float | None, smooth: float) -> None:
     if every is not None and fps is not None:
         raise FerlabError("Give --every or --fps, not both.")
     if every is not None and every < 1:
@@ -396,11 +402,11 @@ def plot_timelines(out: Path, classes: list[str]) -> None:
 class _Progress:
     """A tqdm bar with frames/s on a terminal; otherwise a line every 10%."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, enabled: bool = True):
         self.bar = None
-        self.total, self.next = total, 0.1
+        self.total, self.next = (total if enabled else 0), 0.1
         self.t0 = time.perf_counter()
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total or None, unit="frame", file=sys.stderr)

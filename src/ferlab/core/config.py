@@ -26,8 +26,8 @@ from ferlab.core.errors import FerlabError
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A config field with its one-line help text (and default factory for lists)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -104,6 +104,12 @@ class TrainConfig:
         "32, bf16-mixed, 16-mixed or auto (on a CPU: whichever of fp32 and bf16-mixed trained this model faster "
         "when timed on this machine, cached per CPU, core count and torch version; on CUDA: mixed precision)",
         choices=("auto", "32", "bf16-mixed", "16-mixed"),
+    )
+    precision_by_model: dict[str, str] = opt(
+        {},
+        "per model, the precision --precision auto trains it in: a run writes here what auto decided before "
+        "training, so its config.yaml trains the same arithmetic again (config files only)",
+        choices=("32", "bf16-mixed", "16-mixed"),
     )
     augment: str = opt(
         "auto",
@@ -197,6 +203,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise FerlabError(f"Config key '{where}' must be a list of {inner.__name__}, got {value!r}.")
         return [_check_type(v, inner, where) for v in value]
+    if origin is dict:
+        key, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            what = f"a mapping of {key.__name__} to {inner.__name__}"
+            raise FerlabError(f"Config key '{where}' must be {what}, got {value!r}.")
+        return {_check_type(k, key, where): _check_type(v, inner, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
@@ -220,7 +232,11 @@ def merge(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
             continue
         value = _check_type(value, hints[key], where)
         choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
+        if choices and isinstance(value, dict):
+            bad = next((v for v in value.values() if v not in choices), None)
+            if bad is not None:
+                raise FerlabError(f"Config key '{where}' takes values among {', '.join(choices)}, got {bad!r}.")
+        elif choices and value not in choices:
             raise FerlabError(f"Config key '{where}' must be one of {', '.join(choices)}, got {value!r}.")
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
@@ -247,7 +263,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, section: str, skip: tu
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if f.name in skip or dataclasses.is_dataclass(tp):
+        if f.name in skip or dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:  # dicts: config only
             continue
         flag = "--" + f.name.replace("_", "-")
         dest = f"{section}.{f.name}"  # "" section: a top-level field

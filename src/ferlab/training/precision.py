@@ -54,6 +54,11 @@ class Choice:
                 f"ferlab: precision 32 on this CPU for {model}: it has no native bf16 arithmetic (avx512_bf16 or "
                 "AMX), where bf16 mixed precision runs slower than fp32, so it is not measured"
             )
+        if self.measured == RECORDED:
+            return (
+                f"ferlab: precision {self.precision} for {model}, as decided before training "
+                "(train.precision_by_model in the run's config.yaml)"
+            )
         if self.measured in ("cuda", "forced"):
             return f"ferlab: precision {self.precision} ({'CUDA rule' if self.measured == 'cuda' else 'as given'})"
         if self.measured == UNDECIDED:
@@ -92,6 +97,7 @@ def cache_file() -> Path:
 
 NO_BF16 = "no native bf16"
 UNDECIDED = "undecided"  # the rounds' interval straddled the margin: fp32, and nothing cached
+RECORDED = "recorded"  # given by a run's config (train.precision_by_model): decided before its training
 
 
 def cpu_flags() -> set[str]:
@@ -198,28 +204,55 @@ def straddles(ratios: list[float]) -> bool:
     return low < MARGIN <= high
 
 
+def known(key: str) -> Choice | None:
+    """A decision already made for ``key``: by rank 0 of a multi-process run before it started the others, or
+    measured on this machine before (cached)."""
+    inherited = os.environ.get(env_name(key))
+    if inherited:
+        return Choice(**{**json.loads(inherited), "cached": True})
+    entry = _load().get(fingerprint(), {}).get(key)
+    try:
+        return Choice(**{**entry, "cached": True}) if entry else None
+    except TypeError:  # an entry from another ferlab version, or edited by hand: measure again
+        return None
+
+
 def choose(
-    model: str, num_classes: int, image_size: int, batch_size: int, accelerator: str = "auto", precision: str = "auto"
+    model: str,
+    num_classes: int,
+    image_size: int,
+    batch_size: int,
+    accelerator: str = "auto",
+    precision: str = "auto",
+    recorded: str | None = None,
 ) -> Choice:
-    """The precision to train ``model`` in: as given, the CUDA rule, or measured on this CPU (cached)."""
+    """The precision to train ``model`` in: ``recorded`` (a run's decision, with the measurement behind it when
+    this machine has it), as given, the CUDA rule, or measured on this CPU (cached)."""
+    key = f"{model} {image_size}px batch {min(batch_size, 32)}"
+    if recorded:
+        same = known(key)
+        return same if same and same.precision == recorded else Choice(recorded, 1.0, 0.0, 0.0, RECORDED)
     if precision != "auto":
         return Choice(precision, 1.0, 0.0, 0.0, "forced")
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return Choice("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed", 1.0, 0.0, 0.0, "cuda")
-    key = f"{model} {image_size}px batch {min(batch_size, 32)}"
-    inherited = os.environ.get(env_name(key))
-    if inherited:  # decided by rank 0 of a multi-process run before it started the others
-        return Choice(**{**json.loads(inherited), "cached": True})
-    cache = _load()
-    machine = cache.get(fingerprint(), {})
-    if key in machine:
-        try:
-            return Choice(**{**machine[key], "cached": True})
-        except TypeError:  # an entry from another ferlab version, or edited by hand: measure again
-            pass
+    decided = known(key)
+    if decided:
+        return decided
 
     if not native_bf16():
         return Choice("32", 1.0, 0.0, 0.0, NO_BF16)
+    choice = measure(model, num_classes, image_size, batch_size)
+    if choice.measured == UNDECIDED:  # an answer the rounds disagree on is not kept for good
+        return choice
+    cache = _load()  # another process may have written meanwhile
+    cache.setdefault(fingerprint(), {})[key] = {k: v for k, v in asdict(choice).items() if k != "cached"}
+    _save(cache)
+    return choice
+
+
+def measure(model: str, num_classes: int, image_size: int, batch_size: int) -> Choice:
+    """Time ``model``'s training step in fp32 and bf16 on this CPU (:func:`time_steps`) and decide, uncached."""
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)
         net = create_model(model, num_classes, image_size, "none", None)
@@ -228,9 +261,8 @@ def choose(
         fp32s, bf16s = time_steps(net, image_size, min(batch_size, 32))
     fp32, bf16 = statistics.median(fp32s), statistics.median(bf16s)
     low, high = interval([a / b for a, b in zip(fp32s, bf16s)])
-    verdict = "bf16-mixed" if low >= MARGIN else "32"
-    choice = Choice(
-        verdict,
+    return Choice(
+        "bf16-mixed" if low >= MARGIN else "32",
         round(fp32 / bf16, 2),
         round(1000 * fp32, 1),
         round(1000 * bf16, 1),
@@ -238,9 +270,3 @@ def choose(
         low=round(low, 2),
         high=round(high, 2),
     )
-    if choice.measured == UNDECIDED:  # an answer the rounds disagree on is not kept for good
-        return choice
-    cache = _load()  # another process may have written meanwhile
-    cache.setdefault(fingerprint(), {})[key] = {k: v for k, v in asdict(choice).items() if k != "cached"}
-    _save(cache)
-    return choice
