@@ -175,7 +175,8 @@ def probe(name: str, split: str) -> dict:
     from ferlab.training.precision import measure
 
     data = load_data(DataConfig(data=split))
-    choice = measure(name, len(data.classes), data.pre.image_size, TrainConfig().batch_size)
+    side = build(name, data, TrainConfig()).normalize.size  # as fit_model passes it
+    choice = measure(name, len(data.classes), data.pre.image_size, TrainConfig().batch_size, side)
     return {**choice.__dict__, "note": choice.message(name).removeprefix("ferlab: ")}
 
 

@@ -248,12 +248,36 @@ def test_a_recorded_precision_is_trained_with_the_measurement_behind_it_when_thi
     assert precision.choose("regularized-cnn", 3, 32, 16).precision == "bf16-mixed"  # measured and cached
     monkeypatch.setattr(precision, "time_steps", lambda *a: pytest.fail("a recorded precision was measured again"))
     same = precision.choose("regularized-cnn", 3, 32, 16, recorded="bf16-mixed")
-    assert same.cached and "bf16 mixed precision 3.0x faster" in same.message("regularized-cnn")
+    assert same.precision == "bf16-mixed" and "bf16 mixed precision 3.0x faster" in same.message("regularized-cnn")
     other = precision.choose("regularized-cnn", 3, 32, 16, recorded="32")
     assert (other.precision, other.measured) == ("32", "recorded")
     assert other.message("m") == (
         "ferlab: precision 32 for m, as decided before training (train.precision_by_model in the run's config.yaml)"
     )
+
+
+def test_the_probe_times_a_network_at_the_side_it_trains_at(tmp_path, monkeypatch):
+    """emotion-transfer shrinks its input to its source's side, and is timed there; a backbone that enlarges it
+    (VGG16 at 224) is timed at the data's side, which costs a step seconds less."""
+    monkeypatch.setenv("FERLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    seen = []
+
+    def timed(net, size, batch):
+        seen.append((size, net.normalize.size))
+        return [0.3] * 3, [0.1] * 3
+
+    monkeypatch.setattr(precision, "time_steps", timed)
+    precision.choose("emotion-transfer", 6, 100, 32, side=48)
+    precision.choose("vgg16-transfer", 6, 100, 32, side=224)
+    precision.choose("emotion-transfer", 6, 100, 32)  # no resize: another measurement
+    assert seen == [(100, 48), (100, None), (100, None)]
+    (machine,) = json.loads((tmp_path / "precision.json").read_text()).values()
+    assert sorted(machine) == [
+        "emotion-transfer 100px batch 32",
+        "emotion-transfer 100px batch 32 at 48px",
+        "vgg16-transfer 100px batch 32",
+    ]
 
 
 def test_the_speedup_interval_is_the_rounds_range_then_drops_the_extremes():

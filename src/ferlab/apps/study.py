@@ -604,8 +604,8 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
         expand_inputs([cfg.predict_dir])
     plan = units(cfg)
     first = open_data(cfg, (plan[0][0], cfg.folds) if cfg.folds else None)
-    left_out = leave_out_unavailable(models, first, cfg)
-    cfg = decide_precisions(cfg, models, first)
+    left_out, sides = leave_out_unavailable(models, first, cfg)
+    cfg = decide_precisions(cfg, models, first, sides)
     run_dir = place_run(cfg, models, resume)
     if is_rank_zero():
         start_run(run_dir, cfg, argv, first, unit_dir(run_dir, cfg, *plan[0]))
@@ -629,10 +629,10 @@ def run_study(cfg: StudyConfig, argv: list[str], models: list[str] | None = None
     return run_dir
 
 
-def decide_precisions(cfg: StudyConfig, models: list[str], data: Data) -> StudyConfig:
+def decide_precisions(cfg: StudyConfig, models: list[str], data: Data, sides: dict[str, int | None]) -> StudyConfig:
     """Each model's arithmetic under ``--precision auto``, decided before anything trains (measured here) and
-    recorded in the config, so config.yaml trains the same arithmetic again and every fold and seed of the run trains in
-    one; every rank of a multi-process run takes rank 0's decision."""
+    recorded in the config, so config.yaml trains the same arithmetic again and every fold and seed of the run
+    trains in one; every rank of a multi-process run takes rank 0's decision."""
     size, batch, t = data.pre.image_size, cfg.train.batch_size, cfg.train
     if t.precision != "auto":  # the config says it already
         return cfg
@@ -640,7 +640,7 @@ def decide_precisions(cfg: StudyConfig, models: list[str], data: Data) -> StudyC
     for name in models:
         if name in decided:
             continue
-        choice = choose(name, len(data.classes), size, batch, t.accelerator, t.precision)
+        choice = choose(name, len(data.classes), size, batch, t.accelerator, t.precision, side=sides.get(name))
         if choice.measured not in ("forced", "cuda") and not choice.cached and is_rank_zero():
             say(choice.message(name))
         if is_distributed(t) and is_rank_zero():
@@ -649,21 +649,23 @@ def decide_precisions(cfg: StudyConfig, models: list[str], data: Data) -> StudyC
     return dataclasses.replace(cfg, train=dataclasses.replace(t, precision_by_model=decided))
 
 
-def leave_out_unavailable(models: list[str], data: Data, cfg: StudyConfig) -> list[dict]:
+def leave_out_unavailable(models: list[str], data: Data, cfg: StudyConfig) -> tuple[list[dict], dict[str, int | None]]:
     """Build every model once before any run folder exists (weights are fetched now: a failed start leaves
     nothing); a transfer model whose weights cannot be had leaves the study (removed from ``models``), which
-    still stands without it. Returns what was left out and why."""
+    still stands without it. Returns what was left out and why, and the side each model resizes its input to
+    (None: as given)."""
     left_out: list[dict] = []
+    sides: dict[str, int | None] = {}
     for name in list(models):
         try:
-            build(name, data, cfg, cfg.train.seed)
+            sides[name] = build(name, data, cfg, cfg.train.seed).normalize.size
         except FerlabError as e:
             if len(models) == 1 or not REGISTRY[name].transfer or (name == EMOTION_TRANSFER and cfg.train.init):
                 raise
             warn(f"{name} left out of this study: {e}")
             left_out.append({"model": name, "reason": str(e)})
             models.remove(name)
-    return left_out
+    return left_out, sides
 
 
 def start_run(run_dir: Path, cfg: StudyConfig, argv: list[str], first: Data, first_dir: Path) -> None:

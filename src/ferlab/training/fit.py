@@ -432,9 +432,8 @@ def fit_model(
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     recorded = cfg.precision_by_model.get(name) if cfg.precision == "auto" else None
-    choice = choose(
-        name, len(data.classes), data.pre.image_size, cfg.batch_size, cfg.accelerator, cfg.precision, recorded
-    )
+    size, side = data.pre.image_size, net.normalize.size
+    choice = choose(name, len(data.classes), size, cfg.batch_size, cfg.accelerator, cfg.precision, recorded, side)
     if choice.measured != "forced" and is_rank_zero():
         print(choice.message(name), file=sys.stderr, flush=True)
     result = FitResult(precision=choice.precision, precision_note=choice.message(name).removeprefix("ferlab: "))
