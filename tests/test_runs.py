@@ -332,7 +332,15 @@ def test_ctrl_c_during_an_epoch_is_exit_130_and_a_resumable_status(tmp_path):
     data = make_tree(tmp_path / "d", per_class=20)
     cmd = [sys.executable, "-m", "ferlab", "train", str(data), "--model", "vgg-small", *TINY, "--max-epochs", "500",
            "--precision", "32", "--patience", "0", "--out", str(tmp_path / "o")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    # a shell's background job starts with Ctrl-C ignored, and Python then installs no handler for it: the child
+    # gets the terminal's default, as a user's ferlab has it
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
