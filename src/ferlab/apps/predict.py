@@ -45,6 +45,13 @@ def natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (hidden ones aside), in natural order; broken links and link loops too: they
+    are reported as skipped files, not silently left out."""
+    found = (p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
+    return sorted(found, key=natural_key)
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files, folders (searched recursively) and glob patterns, in natural order, without repeats."""
     found: list[Path] = []
@@ -55,11 +62,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise FerlabError(f"The pattern {item} matches no files.")
             found += [p for p in matches if p.is_file()]
         elif Path(item).is_dir():
-            # broken links (and link loops) too: they are reported as skipped files, not silently left out
-            files = sorted(
-                (p for p in Path(item).rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")),
-                key=natural_key,
-            )
+            files = folder_files(Path(item))
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
                 raise FerlabError(f"The folder {item} holds no images to predict.")
             found += files

@@ -16,6 +16,7 @@ import glob
 import sys
 from pathlib import Path
 
+from ferlab.apps.predict import folder_files, natural_key
 from ferlab.apps.video import VIDEO_SUFFIXES, check_options, is_video, one_model, run_video
 from ferlab.core.config import is_distributed
 from ferlab.core.errors import FerlabError
@@ -32,9 +33,9 @@ def find_videos(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if any(ch in item for ch in "*?["):
-            files = sorted(Path(f) for f in glob.glob(item, recursive=True))
+            files = sorted((Path(f) for f in glob.glob(item, recursive=True)), key=natural_key)
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            files = folder_files(p)
         else:
             if is_video(p):  # a file named on the command line: by its first bytes too
                 videos.append(p)

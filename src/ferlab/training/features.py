@@ -26,6 +26,7 @@ from ferlab.core.config import TrainConfig
 from ferlab.data.datasets import Data
 from ferlab.inference.model import run_batches
 from ferlab.models.registry import Net
+from ferlab.training.memory import physical_memory
 
 
 def device_for(accelerator: str) -> torch.device:
@@ -40,13 +41,6 @@ def autocast(device: torch.device, precision: str):
     """The Trainer's mixed precision, for the frozen pass that runs outside it."""
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
 
 
 class FrozenMemo:
@@ -90,9 +84,9 @@ class FrozenMemo:
         def size() -> int:
             return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())
 
-        while len(self.groups) > 1 and size() > self.share * memory():
+        while len(self.groups) > 1 and size() > self.share * physical_memory():
             self.groups.popitem(last=False)
-        if size() > self.share * memory():  # one module's outputs alone are too many: keep none
+        if size() > self.share * physical_memory():  # one module's outputs alone are too many: keep none
             self.groups.clear()
 
 
@@ -102,7 +96,7 @@ MEMO = FrozenMemo()
 def cache_fits(module: nn.Module, x: torch.Tensor, share: float = 0.25) -> bool:
     """Whether ``module``'s output for all of ``x`` fits in ``share`` of this machine's memory."""
     per_image = run_batches(module, x[:1]).numel() * 4 if len(x) else 0
-    return per_image * len(x) <= share * memory()
+    return per_image * len(x) <= share * physical_memory()
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""glibc memory tuning for CPU training."""
+"""Memory for CPU training: glibc's tuning, and how much there is."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _ALLOCATOR_TUNED = False
@@ -26,3 +27,11 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):
         pass
     _ALLOCATOR_TUNED = True
+
+
+def physical_memory() -> int:
+    """This machine's RAM in bytes (a huge number where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
