@@ -38,6 +38,7 @@ TINY = ["--image-size", "32", "--no-progress"]
         (["--drop-classes", "squre"], "--drop-classes names squre, which is not a class folder"),
         (["--folds", "1"], "--folds must be 0 (one split) or at least 2, got 1."),
         (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5."),
+        (["--class-balance", "-0.5"], "--class-balance must be in [0, 1], got -0.5."),
         (["--seed", "-1"], "--seed takes whole numbers from 0 to 4294967295 (NumPy's seed range), got -1."),
         (["--seed", "99999999999999999999"], "--seed takes whole numbers from 0 to 4294967295 (NumPy's seed range)"),
         (["--seeds", "0", "-1"], "--seeds takes whole numbers from 0 to 4294967295 (NumPy's seed range), got -1."),

@@ -14,7 +14,7 @@ import torch
 from ferlab.core.config import TrainConfig
 from ferlab.core.errors import FerlabError
 from ferlab.data.votes import majority_of, read_votes
-from ferlab.training.fit import Classifier
+from ferlab.training.fit import Classifier, class_weights
 
 from .conftest import cli, make_tree, only_run, read_csv
 
@@ -76,6 +76,37 @@ def test_distribution_loss_is_cross_entropy_to_the_votes() -> None:
     assert losses["majority"] == pytest.approx(logz - 2, abs=1e-6)
     assert float(losses[("distribution", "val/loss")]) == pytest.approx(logz - 2, abs=1e-6)
     assert float(losses[("distribution", "val/vote_loss")]) == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_class_balance_weights_the_training_loss_only() -> None:
+    """--class-balance B weighs a class by count^-B, scaled so the images' mean weight is 1: with counts 6, 3
+    and 1 and B = 1 the weights are 10/18 * (1, 2, 6); validation's loss stays unweighted."""
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2])
+    w = class_weights(labels, 3, 1.0)
+    assert w.tolist() == pytest.approx([10 / 18, 20 / 18, 60 / 18])
+    assert float((w[labels]).mean()) == pytest.approx(1.0)
+    assert class_weights(labels, 3, 0.0) is None
+    root = 6**0.5 + 3**0.5 + 1  # sum over images of count^-0.5: 6/sqrt(6) + 3/sqrt(3) + 1
+    assert class_weights(labels, 3, 0.5).tolist() == pytest.approx([10 / c**0.5 / root for c in (6, 3, 1)])
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    y = torch.tensor([0, 2])
+    t = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    logp = torch.log_softmax(z, 1)
+    logged = {}
+    module = Classifier(torch.nn.Identity(), torch.nn.Identity(), 3, TrainConfig(), 0.1, class_weights=w)
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    # soft targets: the batch mean of -sum_c w_c t_c log p_c
+    by_hand = -float(((t * w * logp).sum(1)).mean())
+    assert float(module.step((z, y, t), "train")) == pytest.approx(by_hand, abs=1e-6)
+    module.step((z, y, t), "val")
+    assert float(logged["val/loss"]) == pytest.approx(-float(logp[[0, 1], y].mean()), abs=1e-6)
+    # hard targets: PyTorch's weighted mean, sum_i w_yi * -log p_i,yi / sum_i w_yi
+    module = Classifier(
+        torch.nn.Identity(), torch.nn.Identity(), 3, TrainConfig(vote_target="majority"), 0.1, class_weights=w
+    )
+    module.log = lambda name, value, **kw: None
+    by_hand = -float((w[y] * logp[[0, 1], y]).sum() / w[y].sum())
+    assert float(module.step((z, y, t), "train")) == pytest.approx(by_hand, abs=1e-6)
 
 
 @pytest.mark.parametrize(

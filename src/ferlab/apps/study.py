@@ -146,6 +146,7 @@ def check_training(cfg: StudyConfig) -> None:
     )
     need(t.weight_decay >= 0, f"--weight-decay must not be negative, got {t.weight_decay}.")
     need(0 <= t.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {t.label_smoothing}.")
+    need(0 <= t.class_balance <= 1, f"--class-balance must be in [0, 1], got {t.class_balance}.")
     need(0 <= t.erase <= 1, f"--erase is a probability in [0, 1], got {t.erase}.")
     need(0 <= t.rotate <= 180, f"--rotate must be 0-180 degrees, got {t.rotate}.")
     for name, v in (("shift", t.shift), ("zoom", t.zoom), ("jitter", t.jitter)):

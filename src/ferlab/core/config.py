@@ -85,6 +85,11 @@ class TrainConfig:
         choices=("constant", "cosine"),
     )
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    class_balance: float = opt(
+        0.0,
+        "weight each class's training loss by its count of training images to the power -B, scaled so the "
+        "average image weighs 1: 0 unweighted, 1 inverse frequency, 0.5 its square root (for rare classes)",
+    )
     logger: str = opt(
         "tensorboard",
         "experiment tracking through Lightning's loggers: tensorboard (event files in each model's folder: "

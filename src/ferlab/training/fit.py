@@ -121,9 +121,11 @@ class Classifier(L.LightningModule):
         augment: nn.Module | None = None,
         tta: bool = False,
         stage: int = 1,
+        class_weights: torch.Tensor | None = None,
     ):
         super().__init__()
         self.stage = stage
+        self.register_buffer("class_weights", class_weights, persistent=False)  # the training loss's only
         self.frozen, self.trainable, self.augment, self.cfg, self.lr, self.tta = (
             frozen,
             trainable,
@@ -169,7 +171,8 @@ class Classifier(L.LightningModule):
         logits = self(x)
         smoothing = self.cfg.label_smoothing
         on_votes = votes is not None and split == "train" and self.cfg.vote_target == "distribution"
-        loss = nn.functional.cross_entropy(logits, votes if on_votes else y, label_smoothing=smoothing)
+        weight = self.class_weights if split == "train" else None
+        loss = nn.functional.cross_entropy(logits, votes if on_votes else y, weight, label_smoothing=smoothing)
         acc = self.acc[f"{split}_acc"]
         acc(logits, y)
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
@@ -464,6 +467,17 @@ def fit_model(
     return result
 
 
+def class_weights(labels: torch.Tensor, num_classes: int, power: float) -> torch.Tensor | None:
+    """Each class's loss weight, its count of images to the power ``-power``, scaled so the images' mean weight
+    is 1 (so the learning rate means what it meant unweighted); None for ``power`` 0. With votes the count is
+    of majority labels."""
+    if power == 0:
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    w = counts.clamp(min=1).pow(-power)  # loading refuses a class without training images; a subset may not
+    return (w * len(labels) / (w * counts).sum()).float()
+
+
 def _resume(state_dir: Path | None, result: FitResult, keep: KeepBest, net: Net) -> int:
     """Stages a resumed fit finished already (their epochs into ``result``, their best weights into ``net``)."""
     if state_dir is None:
@@ -516,7 +530,10 @@ def _fit_stage(
     augment = Augment(cfg.rotate, cfg.shift, cfg.zoom, cfg.jitter, cfg.erase) if aug else None
     # test-time augmentation in validation too, so the chosen epoch is chosen as the model will predict
     # (not on cached features, which cannot be mirrored)
-    module = Classifier(frozen, trainable, len(data.classes), cfg, lr, augment, cfg.tta and inputs is None, stage)
+    weights = class_weights(train.labels, len(data.classes), cfg.class_balance)
+    module = Classifier(
+        frozen, trainable, len(data.classes), cfg, lr, augment, cfg.tta and inputs is None, stage, weights
+    )
     bar = cfg.progress and sys.stderr.isatty()  # a log file gets one line per epoch, not bar frames
     table = EpochTable(stage, first_epoch=len(result.epochs) + 1, echo=not bar, logger=logger)
     keep.offset = len(result.epochs)
