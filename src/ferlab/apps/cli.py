@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args, argv)
+        code = _dispatch(args, argv)
     except FerlabError as e:
         print(f"ferlab: error: {e}", file=sys.stderr)
         _remove_empty_folders()
@@ -297,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ferlab: error: cannot use {e.filename}: {e.strerror.lower()}.", file=sys.stderr)
         _remove_empty_folders()
         return 2
+    _close_process_group()
+    return code
+
+
+def _close_process_group() -> None:
+    """A multi-process command (``--devices 2``, ``--num-nodes``) destroys its process group once its work is
+    done: left to the interpreter's exit, Gloo's worker threads could outlive it and abort the process
+    ("terminate called without an active exception", exit -6) after every file was written. Only on success:
+    after an error another rank may still be inside a collective, which destroying would hang."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _remove_empty_folders() -> None:
