@@ -80,6 +80,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subpro
     )
 
 
+def python_stdout(code: str, timeout: float = 300) -> str:
+    """What ``code`` prints, run in a fresh interpreter (which must exit 0)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     """The CLI's ``main`` run in this process, its exit status and output captured like :func:`run_cli`'s: the
     same code path without a new interpreter's start (seconds of importing torch), for the many tests of

@@ -13,7 +13,7 @@ import yaml
 from ferlab.core.config import StudyConfig, merge
 from ferlab.core.errors import FerlabError
 
-from .conftest import FAST, cli, make_tree, only_run, run_cli
+from .conftest import FAST, cli, make_tree, only_run, python_stdout, run_cli
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -358,9 +358,6 @@ def test_a_finished_command_destroys_its_process_group():
     """Left to the interpreter's exit, Gloo's threads aborted about one 2-process run in four (measured with a
     bare all_gather_object: 4 of 15, and 0 of 15 destroyed); a command that failed keeps the group, since another
     rank may still be inside a collective."""
-    import subprocess
-    import sys
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -372,7 +369,5 @@ def test_a_finished_command_destroys_its_process_group():
         "print(main(['info', 'nope']), dist.is_initialized())\n"
         "print(main(['models']), dist.is_initialized())\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.splitlines()
-    assert lines[0] == "2 True" and lines[-1] == "0 False", r.stdout
+    lines = python_stdout(code).splitlines()
+    assert lines[0] == "2 True" and lines[-1] == "0 False", lines

@@ -4,8 +4,6 @@ faces they never saw."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import ferlab
 from ferlab.core.config import StudyConfig, load_yaml, merge
 from ferlab.inference.model import PRETRAINED, load_model, pretrained_path
 
-from .conftest import CKPLUS, ROOT, cli, read_csv
+from .conftest import CKPLUS, ROOT, cli, python_stdout, read_csv
 
 pytestmark = pytest.mark.skipif(
     pretrained_path("fer2013") is None or pretrained_path("ferplus") is None,
@@ -92,9 +90,7 @@ def test_it_loads_in_a_fresh_process_with_no_network():
         "faces = ferlab.analyze(np.full((48, 48), 128, np.uint8))\n"
         "print(faces[0]['label'], round(sum(faces[0]['probabilities'].values()), 4))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    label, total = out.stdout.split()
+    label, total = python_stdout(code).split()
     assert label in FERPLUS8 and total == "1.0"  # the default model
 
 
