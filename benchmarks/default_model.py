@@ -21,16 +21,17 @@ import tempfile
 from pathlib import Path
 
 from ferlab.core.config import StudyConfig, load_yaml, merge
-from ferlab.data.datasets import load_data
+from ferlab.data.datasets import ImageSet, load_data
 
 
-def split_files(config: str, shared: Path, split: str, votes: bool) -> set[str]:
-    yaml = load_yaml(config)
-    cfg = merge(StudyConfig(), {k: v for k, v in yaml.items() if k != "models"})
-    cfg.data.data = str(shared / "datasets" / "fer2013" / "train")
+def recipe_split(config: str, shared: str | Path, split: str, votes: bool) -> ImageSet:
+    """One split of FER2013's training images as a shipped recipe (``configs/NAME.yaml``, its seed) makes it;
+    with ``votes``, labelled by FER+'s votes as ``configs/ferplus.yaml`` trains."""
+    cfg = merge(StudyConfig(), load_yaml(config))
+    cfg.data.data = str(Path(shared) / "datasets" / "fer2013" / "train")
     if votes:
-        cfg.data.labels = str(shared / "datasets" / "fer2013" / "ferplus_votes.csv")
-    return set(load_data(cfg.data, cfg.train.seed).splits[split].files)
+        cfg.data.labels = str(Path(shared) / "datasets" / "fer2013" / "ferplus_votes.csv")
+    return load_data(cfg.data, cfg.train.seed).splits[split]
 
 
 def main() -> None:
@@ -41,8 +42,8 @@ def main() -> None:
     shared = Path(a.shared).resolve()
     root = shared / "datasets" / "fer2013" / "train"
     files = sorted(
-        split_files("configs/ferplus.yaml", shared, "val", votes=True)
-        & split_files("configs/fer2013.yaml", shared, "test", votes=False)
+        set(recipe_split("configs/ferplus.yaml", shared, "val", votes=True).files)
+        & set(recipe_split("configs/fer2013.yaml", shared, "test", votes=False).files)
     )
     print(f"{len(files)} images in ferplus's validation split and fer2013's held-out test split")
     with tempfile.TemporaryDirectory() as tmp:

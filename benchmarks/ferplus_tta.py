@@ -15,16 +15,19 @@ image alone and with its mirror, for a checkpoint of a recipe try (``--model run
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ferlab.core.config import StudyConfig, load_yaml, merge
-from ferlab.data.datasets import load_data
 from ferlab.inference.model import load_model
 from ferlab.reporting.metrics import metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_model import recipe_split  # noqa: E402
 
 
 def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -64,12 +67,8 @@ def main() -> None:
     ap.add_argument("--model", default="ferplus", help="a shipped model's name or a model.ckpt trained on that split")
     ap.add_argument("--views", choices=("all", "mirror"), default="all")
     a = ap.parse_args()
-    yaml = load_yaml("configs/ferplus.yaml")
-    cfg = merge(StudyConfig(), {k: v for k, v in yaml.items() if k != "models"})
-    cfg.data.data = f"{a.shared}/datasets/fer2013/train"
-    cfg.data.labels = f"{a.shared}/datasets/fer2013/ferplus_votes.csv"
     t = time.perf_counter()
-    val = load_data(cfg.data, cfg.train.seed).splits["val"]
+    val = recipe_split("configs/ferplus.yaml", a.shared, "val", votes=True)
     print(f"validation split: {len(val)} images ({time.perf_counter() - t:.0f} s to load)")
     model = load_model(a.model)
     net = model.runtime.net  # the PyTorch network (eval mode); argmax needs no temperature
